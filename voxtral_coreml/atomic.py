@@ -13,8 +13,9 @@ from typing import Any
 
 
 def _staging_path(target: Path) -> Path:
-    # A sibling on the same filesystem, so the final rename is atomic.
-    return target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # A hidden sibling on the same filesystem, so the final rename is atomic; the name keeps the target's
+    # suffix because some writers insist on it (coremltools wants ".mlpackage").
+    return target.parent / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}-{target.name}"
 
 
 def remove_path(path: Path) -> None:
@@ -47,11 +48,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(target) as staging:
-        with open(staging, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(target) as staging, open(staging, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(target: str | os.PathLike[str], obj: Any) -> None:

@@ -1,0 +1,34 @@
+"""build@<model>: the ANE module with the extracted weights, and its parity with transformers (fp32)."""
+
+import argparse
+
+from voxtral_coreml.atomic import atomic_path, write_json_atomic
+from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.params import load_params, lookup
+from voxtral_coreml.paths import extracted_dir, parity_file, reference_file
+from voxtral_coreml.runner import run
+from voxtral_coreml.validate import compute_reference, save_reference
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    model = parser.parse_args().model
+    params = load_params()
+    build = lookup(params, "build")
+    tensors, parity = compute_reference(
+        extracted_dir(model), lookup(params, "validation.audio"), build["attention"], build["query_chunk"]
+    )
+    print(f"{model}: ANE module vs transformers (fp32): {parity}")
+    if parity["psnr_db"] < build["parity_gate_db"]:
+        raise VoxtralError(
+            f"{model}: the ANE module differs from transformers: PSNR {parity['psnr_db']} dB "
+            f"< build.parity_gate_db {build['parity_gate_db']} dB"
+        )
+    with atomic_path(reference_file(model)) as staging:
+        save_reference(staging, tensors)
+    write_json_atomic(parity_file(model), {"model": model, "attention": build["attention"], **parity})
+
+
+if __name__ == "__main__":
+    run(main)

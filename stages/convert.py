@@ -1,0 +1,35 @@
+"""convert@<model>-<recipe>: torch.export + ct.convert into artifacts/packages/<model>/<recipe>/."""
+
+import argparse
+
+from voxtral_coreml.atomic import atomic_path
+from voxtral_coreml.convert import Recipe, convert_package, package_name
+from voxtral_coreml.params import load_params, lookup
+from voxtral_coreml.paths import extracted_dir, package_dir
+from voxtral_coreml.runner import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("recipe")
+    args = parser.parse_args()
+    params = load_params()
+    recipe = Recipe.from_config(args.recipe, lookup(params, f"recipes.{args.recipe}"))
+    variant = lookup(params, f"models.{args.model}.variant")
+    build = lookup(params, "build")
+    with atomic_path(package_dir(args.model, args.recipe)) as staging:  # package + manifest, or nothing
+        staging.mkdir()
+        convert_package(
+            extracted_dir(args.model),
+            staging / package_name(variant),
+            recipe,
+            model_name=args.model,
+            variant=variant,
+            attention=build["attention"],
+            query_chunk=build["query_chunk"],
+        )
+
+
+if __name__ == "__main__":
+    run(main)

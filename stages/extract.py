@@ -1,0 +1,26 @@
+"""extract@<model>: stream the audio tower + projector into one canonical safetensors file."""
+
+import argparse
+
+from voxtral_coreml.extract import extract_audio_tower
+from voxtral_coreml.params import load_params, lookup
+from voxtral_coreml.paths import checkpoint_dir, extracted_dir
+from voxtral_coreml.runner import run
+from voxtral_coreml.sources import checkpoint_root, public_source_info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    model = parser.parse_args().model
+    source = lookup(load_params(), f"models.{model}.source")
+    extract_audio_tower(
+        checkpoint_root(checkpoint_dir(model)),
+        extracted_dir(model),
+        layout=source.get("layout", "auto"),
+        source=public_source_info(checkpoint_dir(model)),
+    )
+
+
+if __name__ == "__main__":
+    run(main)

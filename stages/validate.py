@@ -1,0 +1,30 @@
+"""validate@<model>-<recipe>: run the package, compare with transformers, write DVC metrics."""
+
+import argparse
+
+from voxtral_coreml.atomic import write_json_atomic
+from voxtral_coreml.params import load_params, lookup
+from voxtral_coreml.paths import extracted_dir, metrics_file, package_dir, reference_file
+from voxtral_coreml.runner import run
+from voxtral_coreml.validate import load_reference, validate_package
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("recipe")
+    args = parser.parse_args()
+    params = load_params()
+    metrics = validate_package(
+        package_dir(args.model, args.recipe),
+        load_reference(reference_file(args.model)),
+        float(lookup(params, f"recipes.{args.recipe}.psnr_gate_db")),
+        backend=lookup(params, "validation.backend"),
+        extracted_dir=extracted_dir(args.model),
+    )
+    print(f"{args.model}/{args.recipe}: PSNR {metrics['psnr_db']} dB vs transformers ({metrics['backend']})")
+    write_json_atomic(metrics_file(args.model, args.recipe), {"model": args.model, "recipe": args.recipe, **metrics})
+
+
+if __name__ == "__main__":
+    run(main)

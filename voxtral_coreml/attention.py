@@ -1,0 +1,87 @@
+"""Attention cores for (B, C, 1, S) tensors: swappable, parameter-free, chosen in conf/ (`build.attention`).
+
+All three compute softmax(q kᵀ) v per head with q already scaled; they differ only in how the work is cut
+into Core ML ops, which decides Neural Engine compile time (it grows with the op count) and tiling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import VoxtralError
+
+
+class SplitHeads(nn.Module):
+    """ANE: one einsum per head on (B, C, 1, S) slices, softmax over the key axis (dim 1), no reshapes."""
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        head_dim = q.shape[1] // self.n_heads
+        k_t = k.transpose(1, 3)  # (B, S_k, 1, C): one transpose per layer, shared by every head
+        heads = []
+        for qh, kh, vh in zip(
+            q.split(head_dim, dim=1), k_t.split(head_dim, dim=3), v.split(head_dim, dim=1), strict=True
+        ):
+            heads.append(_attend(qh, kh, vh))
+        return torch.cat(heads, dim=1)
+
+
+class SplitHeadsChunkedQueries(SplitHeads):
+    """ANE: per-head split with queries cut into ceil(S / chunk) pieces, bounding each score tile."""
+
+    def __init__(self, n_heads: int, query_chunk: int) -> None:
+        super().__init__(n_heads)
+        self.query_chunk = query_chunk
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        head_dim = q.shape[1] // self.n_heads
+        n_chunks = math.ceil(q.shape[3] / self.query_chunk)  # ceil: 1500 queries keep their tail
+        k_t = k.transpose(1, 3)
+        heads = []
+        for qh, kh, vh in zip(
+            q.split(head_dim, dim=1), k_t.split(head_dim, dim=3), v.split(head_dim, dim=1), strict=True
+        ):
+            chunks = [_attend(qc, kh, vh) for qc in qh.chunk(n_chunks, dim=3)]
+            heads.append(torch.cat(chunks, dim=3))
+        return torch.cat(heads, dim=1)
+
+
+class FusedHeads(nn.Module):
+    """ANE: all heads in one einsum pair on a rank-4 (B, heads, head_dim, S) view: fewest ops."""
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, c, _, s = q.shape
+        shape = (b, self.n_heads, c // self.n_heads, s)
+        scores = torch.einsum("bhcq,bhck->bhkq", q.reshape(shape), k.reshape(shape))
+        weights = scores.softmax(dim=2)  # the key axis
+        out = torch.einsum("bhkq,bhck->bhcq", weights, v.reshape(shape))
+        return out.reshape(b, c, 1, s)
+
+
+def _attend(qh: torch.Tensor, kh_t: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """One head: q (B, c, 1, Sq), kᵀ (B, Sk, 1, c), v (B, c, 1, Sk) -> (B, c, 1, Sq)."""
+    weights = torch.einsum("bchq,bkhc->bkhq", qh, kh_t).softmax(dim=1)
+    return torch.einsum("bkhq,bchk->bchq", weights, vh)
+
+
+ATTENTION_CORES = ("split_heads", "split_heads_chunked", "fused_heads")
+
+
+def make_attention_core(name: str, n_heads: int, query_chunk: int) -> nn.Module:
+    if name == "split_heads":
+        return SplitHeads(n_heads)
+    if name == "split_heads_chunked":
+        return SplitHeadsChunkedQueries(n_heads, query_chunk)
+    if name == "fused_heads":
+        return FusedHeads(n_heads)
+    raise VoxtralError(f"build.attention: unknown attention core {name!r}; choose one of {', '.join(ATTENTION_CORES)}")

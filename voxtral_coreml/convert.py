@@ -1,0 +1,154 @@
+"""Extracted weights -> ANE module -> torch.export -> Core ML mlprogram package + manifest.json.
+
+torch.export traces with fake tensors (no forward pass on real weights), which is what keeps conversion
+time and memory low compared with torch.jit.trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .atomic import atomic_path, write_json_atomic
+from .dims import EncoderDims
+from .errors import VoxtralError
+from .extract import load_extracted
+from .model import VoxtralEncoderANE, build_ane_encoder
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "mel_spectrogram"
+OUTPUT_NAME = "audio_embeddings"
+MANIFEST = "manifest.json"
+# Core ML deployment targets and the OS releases that run them.
+TARGETS = {"iOS16": ("16.0", "13.0"), "iOS17": ("17.0", "14.0"), "iOS18": ("18.0", "15.0")}
+VARIANT_BY_HIDDEN_SIZE = {3072: "Mini", 5120: "Small"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A compression recipe as configured in conf/recipe/ (fp16 needs nothing but the target)."""
+
+    name: str
+    kind: str
+    min_target: str
+    psnr_gate_db: float
+
+    @classmethod
+    def from_config(cls, name: str, cfg: dict) -> Recipe:
+        try:
+            recipe = cls(name, str(cfg["kind"]), str(cfg["min_target"]), float(cfg["psnr_gate_db"]))
+        except KeyError as e:
+            raise VoxtralError(f"recipe '{name}': missing key {e}") from None
+        if recipe.min_target not in TARGETS:
+            raise VoxtralError(f"recipe '{name}': unknown min_target {recipe.min_target!r}")
+        if recipe.kind != "fp16":
+            raise VoxtralError(f"recipe '{name}': unsupported kind {recipe.kind!r}")
+        return recipe
+
+
+def package_name(variant: str) -> str:
+    return f"VoxtralEncoder{variant}.mlpackage"  # the names the Swift app looks for
+
+
+def infer_variant(dims: EncoderDims) -> str:
+    variant = VARIANT_BY_HIDDEN_SIZE.get(dims.hidden_size)
+    if variant is None:
+        raise VoxtralError(
+            f"cannot tell Mini from Small for projector width {dims.hidden_size}; pass --variant Mini|Small"
+        )
+    return variant
+
+
+def export_encoder(model: VoxtralEncoderANE) -> torch.export.ExportedProgram:
+    example = torch.zeros(1, model.dims.n_mels, model.dims.mel_frames)
+    with torch.no_grad():
+        return torch.export.export(model, (example,)).run_decompositions({})
+
+
+def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
+    import coremltools as ct
+
+    dims = model.dims
+    exported = export_encoder(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
+        return ct.convert(
+            exported,
+            inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, dims.n_mels, dims.mel_frames), dtype=np.float32)],
+            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=getattr(ct.target, target),
+            skip_model_load=True,  # loading compiles the model, which only macOS can do
+        )
+
+
+def io_contract(dims: EncoderDims) -> dict[str, list[dict[str, object]]]:
+    return {
+        "inputs": [{"name": INPUT_NAME, "shape": [1, dims.n_mels, dims.mel_frames], "dtype": "float32"}],
+        "outputs": [{"name": OUTPUT_NAME, "shape": [1, dims.n_embeddings, dims.hidden_size], "dtype": "float32"}],
+    }
+
+
+def tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def versions() -> dict[str, str]:
+    import coremltools
+
+    return {"coremltools": coremltools.__version__, "torch": torch.__version__, "voxtral_coreml": __version__}
+
+
+def convert_package(
+    extracted_dir: str | os.PathLike[str],
+    package: str | os.PathLike[str],
+    recipe: Recipe,
+    *,
+    model_name: str,
+    variant: str | None = None,
+    attention: str = "split_heads",
+    query_chunk: int = 256,
+) -> dict:
+    """Write the `.mlpackage` at `package` and `manifest.json` beside it, each atomically (manifest last)."""
+    started = time.monotonic()
+    package = Path(package)
+    if package.suffix != ".mlpackage":
+        raise VoxtralError(f"{package}: the output must end in .mlpackage")
+    weights, dims, encoder_meta = load_extracted(extracted_dir)
+    variant = variant or infer_variant(dims)
+    model = build_ane_encoder(weights, dims, attention, query_chunk)
+    log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
+    mlmodel = convert_to_mlprogram(model, recipe.min_target)
+    del model, weights
+    mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
+    mlmodel.version = __version__
+    with atomic_path(package) as staging:
+        mlmodel.save(str(staging))
+    ios, macos = TARGETS[recipe.min_target]
+    manifest = {
+        "package": package.name,
+        "model": model_name,
+        "variant": variant,
+        "recipe": {"name": recipe.name, "kind": recipe.kind},
+        **io_contract(dims),
+        "deployment_target": {"coreml": recipe.min_target, "ios": ios, "macos": macos},
+        "dims": dims.to_json(),
+        "attention": attention,
+        "weights_sha256": encoder_meta["weights_sha256"],
+        "source": encoder_meta.get("source", {}),
+        "size_bytes": tree_size(package),
+        "versions": versions(),
+    }
+    write_json_atomic(package.parent / MANIFEST, manifest)
+    log.info("wrote %s (%.1f MB) in %.1f s", package, manifest["size_bytes"] / 1e6, time.monotonic() - started)
+    return manifest

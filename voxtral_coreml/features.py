@@ -1,0 +1,95 @@
+"""Voxtral's log-mel features: WhisperFeatureExtractor's math as VoxtralProcessor applies it.
+
+The clip is zero-padded to a multiple of 30 s, one STFT runs over the whole clip, the log floor
+(max - 8) uses the maximum of the whole clip, and only then is it cut into [N, 128, 3000] windows.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dims import MEL_BINS, MEL_FRAMES
+from .errors import VoxtralError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+WINDOW_SAMPLES = MEL_FRAMES * HOP_LENGTH  # 480000: 30 s
+MIN_SAMPLES = N_FFT  # shorter than one FFT frame is not speech
+
+
+def builtin_speech_clip() -> Path:
+    """27 s of English speech (espeak-ng), shipped with the package for validation."""
+    return Path(str(resources.files("voxtral_coreml") / "data" / "speech_en.flac"))
+
+
+def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
+    """Mono float32 at 16 kHz. Multichannel audio is averaged to mono; other rates are resampled (soxr)."""
+    import soundfile
+    import soxr
+
+    path = Path(path)
+    if not path.is_file():
+        raise VoxtralError(f"{path}: audio file not found")
+    try:
+        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise VoxtralError(f"{path}: not a readable audio file ({e})") from None
+    if audio.shape[0] == 0:
+        raise VoxtralError(f"{path}: the audio is empty")
+    if audio.shape[1] > 1:
+        log.info("%s: %d channels averaged to mono", path, audio.shape[1])
+    mono = audio.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        log.info("%s: resampled from %d Hz to %d Hz", path, rate, SAMPLE_RATE)
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    if mono.shape[0] < MIN_SAMPLES:
+        raise VoxtralError(f"{path}: {mono.shape[0]} samples is shorter than one {N_FFT}-sample frame")
+    if not np.isfinite(mono).all():
+        raise VoxtralError(f"{path}: the audio contains NaN or Inf samples")
+    return mono
+
+
+@functools.cache
+def mel_filters() -> torch.Tensor:
+    """[201, 128] Slaney-normalized mel filters, the ones WhisperFeatureExtractor builds."""
+    from transformers.audio_utils import mel_filter_bank
+
+    bank = mel_filter_bank(
+        num_frequency_bins=1 + N_FFT // 2,
+        num_mel_filters=MEL_BINS,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    return torch.from_numpy(bank).float()
+
+
+def log_mel_windows(audio: np.ndarray) -> torch.Tensor:
+    """Mono 16 kHz samples -> [N, 128, 3000] normalized log-mel windows."""
+    n_windows = max(1, -(-len(audio) // WINDOW_SAMPLES))
+    padded = np.zeros(n_windows * WINDOW_SAMPLES, dtype=np.float32)
+    padded[: len(audio)] = audio
+    waveform = torch.from_numpy(padded)
+    stft = torch.stft(waveform, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as Whisper does
+    log_spec = torch.clamp(mel_filters().T @ power, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)  # the floor: whole-clip maximum
+    log_spec = (log_spec + 4.0) / 4.0
+    return log_spec.reshape(MEL_BINS, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
+
+
+def speech_mel(audio_path: str | os.PathLike[str] | None = None) -> torch.Tensor:
+    """The first 30 s window of a clip (the built-in speech when None): [1, 128, 3000]."""
+    return log_mel_windows(load_audio(audio_path or builtin_speech_clip()))[:1]

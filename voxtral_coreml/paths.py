@@ -1,0 +1,35 @@
+"""Where each stage's outputs live under artifacts/ (dvc.yaml names the same paths; a test keeps them equal)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+
+
+def checkpoint_dir(model: str) -> Path:
+    return ARTIFACTS / "checkpoints" / model
+
+
+def extracted_dir(model: str) -> Path:
+    return ARTIFACTS / "extracted" / model
+
+
+def reference_file(model: str) -> Path:
+    return ARTIFACTS / "reference" / model / "reference.safetensors"
+
+
+def parity_file(model: str) -> Path:
+    return ARTIFACTS / "reference" / model / "parity.json"
+
+
+def package_dir(model: str, recipe: str) -> Path:
+    return ARTIFACTS / "packages" / model / recipe
+
+
+def metrics_file(model: str, recipe: str) -> Path:
+    return ARTIFACTS / "metrics" / model / f"{recipe}.json"
+
+
+def report_file() -> Path:
+    return ARTIFACTS / "report.md"

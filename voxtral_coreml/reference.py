@@ -1,0 +1,67 @@
+"""transformers' own Voxtral modules, loaded with the same weights: the numeric reference.
+
+The reference goes through `VoxtralForConditionalGeneration.get_audio_features`, so the projector's frame
+grouping is transformers' code, not a copy of ours. The language model stays on the meta device: it is
+never allocated or run.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import VoxtralConfig, VoxtralForConditionalGeneration
+
+from .dims import POSITIONS_KEY, EncoderDims
+from .model import whisper_sinusoids
+
+
+def reference_config(dims: EncoderDims) -> VoxtralConfig:
+    config = VoxtralConfig(
+        audio_config={
+            "hidden_size": dims.d_model,
+            "intermediate_size": dims.projector_in,  # transformers reshapes by this size in get_audio_features
+            "num_hidden_layers": dims.n_layers,
+            "num_attention_heads": dims.n_heads,
+            "num_mel_bins": dims.n_mels,
+            "max_source_positions": dims.n_positions,
+        },
+        # A one-layer stand-in of the right width: only its hidden_size (the projector's H) matters.
+        text_config={
+            "hidden_size": dims.hidden_size,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "head_dim": dims.hidden_size,
+            "vocab_size": 8,
+        },
+    )
+    config._attn_implementation = "eager"  # the literal matmul-softmax-matmul
+    config.audio_config._attn_implementation = "eager"
+    return config
+
+
+class TransformersReference:
+    def __init__(self, weights: dict[str, torch.Tensor], dims: EncoderDims) -> None:
+        if dims.ffn_dim != dims.projector_in:
+            # transformers' get_audio_features reshapes by intermediate_size, i.e. it assumes ffn = 4 * d.
+            raise ValueError(f"the reference needs ffn_dim == 4 * d_model, got {dims.ffn_dim}")
+        with torch.device("meta"):
+            model = VoxtralForConditionalGeneration(reference_config(dims))
+        self.model = model.eval().requires_grad_(False)
+        inner = self.model.model
+        dtype = next(iter(weights.values())).dtype
+        positions = weights.get(POSITIONS_KEY, whisper_sinusoids(dims.n_positions, dims.d_model).to(dtype))
+        tower = {k.removeprefix("audio_tower."): v for k, v in weights.items() if k.startswith("audio_tower.")}
+        tower["embed_positions.weight"] = positions
+        inner.audio_tower.load_state_dict(tower, strict=True, assign=True)
+        projector = {
+            k.removeprefix("multi_modal_projector."): v
+            for k, v in weights.items()
+            if k.startswith("multi_modal_projector.")
+        }
+        inner.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
+
+    @torch.inference_mode()
+    def audio_embeddings(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel [N, 128, 3000] -> [N*375, H], exactly as Voxtral feeds the language model."""
+        return self.model.get_audio_features(mel).pooler_output

@@ -1,0 +1,40 @@
+"""Entry points print one line for a user's mistake and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from .errors import VoxtralError
+
+EXIT_USER_ERROR = 2
+
+
+def configure_logging(debug: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("coremltools", "httpx", "urllib3", "filelock", "torch"):
+        # Their INFO lines are per op or per request; progress bars already show progress.
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(main: Callable[[], object], debug: bool | None = None) -> NoReturn:
+    debug = bool(os.environ.get("VOXTRAL_COREML_DEBUG")) if debug is None else debug
+    configure_logging(debug)
+    try:
+        main()
+    except VoxtralError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,100 @@
+"""The download stage: materialize a model's checkpoint from its configured source.
+
+- synthetic: generated in the real HF layout from the dimensions in conf/model/.
+- local: a directory the user already has; recorded by path and a fingerprint (sizes and mtimes), so a
+  checkpoint changed in place after download is caught by extract instead of silently converted.
+- hub: the Hugging Face Hub (issue C).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_path, write_json_atomic
+from .dims import EncoderDims
+from .errors import VoxtralError
+from .layouts import open_layout, read_json
+from .synthetic import LanguageModelShape, write_synthetic_checkpoint
+
+log = logging.getLogger(__name__)
+
+SOURCE_JSON = "source.json"
+SOURCE_KINDS = ("synthetic", "local", "hub")
+PRIVATE_SOURCE_KEYS = ("path", "fingerprint")  # machine-specific: kept out of manifests
+
+
+def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
+    if key not in cfg:
+        raise VoxtralError(f"{where}: missing '{key}'")
+    return cfg[key]
+
+
+def synthetic_dims(cfg: dict[str, Any], where: str) -> EncoderDims:
+    d = _require(cfg, "dims", where)
+    try:
+        return EncoderDims(
+            d_model=int(d["d_model"]),
+            n_layers=int(d["n_layers"]),
+            n_heads=int(d["n_heads"]),
+            ffn_dim=int(d.get("ffn_dim", 4 * int(d["d_model"]))),
+            hidden_size=int(d["hidden_size"]),
+        )
+    except KeyError as e:
+        raise VoxtralError(f"{where}.dims: missing {e}") from None
+
+
+def fingerprint(root: Path) -> dict[str, list[int]]:
+    """Relative path -> [size, mtime_ns] of every file: cheap, and changes when a file is rewritten."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def materialize_checkpoint(model: str, source: dict[str, Any], out_dir: str | os.PathLike[str]) -> None:
+    where = f"models.{model}.source"
+    kind = _require(source, "kind", where)
+    if kind not in SOURCE_KINDS:
+        raise VoxtralError(f"{where}.kind: unknown source {kind!r}; choose one of {', '.join(SOURCE_KINDS)}")
+    if kind == "hub":
+        raise VoxtralError(
+            f"{where}: the hub source ({source.get('repo_id')}) is not available in this version; "
+            f"download the checkpoint yourself and set {where}.kind=local and {where}.path=DIR"
+        )
+    with atomic_path(out_dir) as staging:
+        staging.mkdir()
+        if kind == "synthetic":
+            dims = synthetic_dims(source, where)
+            lm = LanguageModelShape(**_require(source, "language_model", where))
+            log.info("generating synthetic checkpoint %s (%d layers, d_model %d)", model, dims.n_layers, dims.d_model)
+            write_synthetic_checkpoint(staging, dims, lm, seed=int(_require(source, "seed", where)))
+            info = {"kind": "synthetic", "model": model, "seed": source["seed"]}
+        else:
+            root = Path(_require(source, "path", where)).expanduser().resolve()
+            open_layout(root, source.get("layout", "auto")).dims()  # fail now, with the layout's message
+            info = {"kind": "local", "name": root.name, "path": str(root), "fingerprint": fingerprint(root)}
+            log.info("using local checkpoint %s", root)
+        write_json_atomic(staging / SOURCE_JSON, info)
+
+
+def checkpoint_root(download_dir: str | os.PathLike[str]) -> Path:
+    """Where the checkpoint's files are: the download output, or the local directory it points to."""
+    download_dir = Path(download_dir)
+    info = read_json(download_dir / SOURCE_JSON)
+    if info.get("kind") != "local":
+        return download_dir
+    root = Path(info["path"])
+    if not root.is_dir():
+        raise VoxtralError(f"{root}: local checkpoint directory not found")
+    if fingerprint(root) != info["fingerprint"]:
+        raise VoxtralError(
+            f"{root}: the local checkpoint changed after download; rerun its download stage "
+            "(dvc repro -f -s download@<model>)"
+        )
+    return root
+
+
+def public_source_info(download_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    info = read_json(Path(download_dir) / SOURCE_JSON)
+    return {k: v for k, v in info.items() if k not in PRIVATE_SOURCE_KEYS}

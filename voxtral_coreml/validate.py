@@ -1,0 +1,168 @@
+"""Check a package: its structure against the contract, and its embeddings against transformers.
+
+The reference (transformers' embeddings and the ANE module's, on one real-speech window) is computed once
+per model by the build stage; each package is then compared with it by the backend that can run it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .convert import MANIFEST, TARGETS, io_contract
+from .dims import EncoderDims
+from .errors import VoxtralError
+from .extract import load_extracted
+from .features import speech_mel
+from .layouts import read_json
+from .metrics import compare_embeddings
+from .model import build_ane_encoder
+from .reference import TransformersReference
+from .safetensors_io import TensorSpec, read_header, read_tensor, write_safetensors
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference.safetensors"
+# The spec version each deployment target writes.
+SPEC_VERSION = {"iOS16": 7, "iOS17": 8, "iOS18": 9}
+BACKENDS = ("auto", "mil", "coreml", "torch")
+
+
+def compute_reference(
+    extracted_dir: str | os.PathLike[str], audio: str | os.PathLike[str] | None, attention: str, query_chunk: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """transformers' and the ANE module's embeddings (fp32) on one speech window, and their parity."""
+    weights, dims, _ = load_extracted(extracted_dir)
+    mel = speech_mel(audio)
+    log.info("reference: transformers forward (%d layers, d_model %d)", dims.n_layers, dims.d_model)
+    expected = TransformersReference(weights, dims).audio_embeddings(mel)
+    log.info("reference: ANE module forward")
+    with torch.inference_mode():
+        ane = build_ane_encoder(weights, dims, attention, query_chunk)(mel).reshape(expected.shape)
+    tensors = {"mel": mel.contiguous(), "transformers": expected.contiguous(), "ane_module": ane.contiguous()}
+    return tensors, compare_embeddings(expected, ane)
+
+
+def save_reference(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    write_safetensors(path, specs, lambda spec: tensors[spec.name])
+
+
+def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    return {name: read_tensor(path, info) for name, info in read_header(path).items()}
+
+
+def find_package(package_dir: Path) -> tuple[Path, dict]:
+    """A package folder (holding manifest.json) or the .mlpackage itself -> (package, manifest)."""
+    folder = package_dir.parent if package_dir.suffix == ".mlpackage" else package_dir
+    manifest = read_json(folder / MANIFEST)
+    package = folder / str(manifest.get("package", ""))
+    if not package.is_dir():
+        raise VoxtralError(f"{folder / MANIFEST}: names package '{manifest.get('package')}', which is missing")
+    return package, manifest
+
+
+def _array_description(feature) -> dict[str, object]:
+    array = feature.type.multiArrayType
+    dtype = {65568: "float32", 65552: "float16", 131104: "int32"}.get(array.dataType, str(array.dataType))
+    return {"name": feature.name, "shape": list(array.shape), "dtype": dtype}
+
+
+def package_structure(package: Path) -> dict[str, object]:
+    """I/O, spec version and the op inventory, read from the package's spec (works on any OS)."""
+    import coremltools as ct
+
+    spec_path = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    if not spec_path.is_file():
+        raise VoxtralError(f"{package}: missing {spec_path.relative_to(package)}")
+    try:
+        spec = ct.utils.load_spec(str(package))
+    except Exception as e:  # protobuf raises several types for damaged bytes
+        raise VoxtralError(f"{package}: the model spec cannot be read ({type(e).__name__}: {e})") from None
+    if not spec.HasField("mlProgram"):
+        raise VoxtralError(f"{package}: not an mlprogram")
+    main = spec.mlProgram.functions["main"]
+    ops = Counter(op.type for op in main.block_specializations[main.opset].operations if op.type != "const")
+    return {
+        "inputs": [_array_description(f) for f in spec.description.input],
+        "outputs": [_array_description(f) for f in spec.description.output],
+        "spec_version": spec.specificationVersion,
+        "ops": dict(sorted(ops.items())),
+    }
+
+
+def check_structure(package: Path, manifest: dict, structure: dict) -> None:
+    dims = EncoderDims.from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
+    contract = io_contract(dims)
+    for key in ("inputs", "outputs"):
+        if structure[key] != contract[key]:
+            raise VoxtralError(f"{package}: {key} are {structure[key]}, the contract is {contract[key]}")
+    target = manifest.get("deployment_target", {}).get("coreml")
+    if target not in TARGETS:
+        raise VoxtralError(f"{package.parent / MANIFEST}: unknown deployment target {target!r}")
+    if structure["spec_version"] != SPEC_VERSION[target]:
+        raise VoxtralError(
+            f"{package}: spec version {structure['spec_version']} does not match target {target} "
+            f"(expects {SPEC_VERSION[target]})"
+        )
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise VoxtralError(f"validation.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "coreml" if sys.platform == "darwin" else "torch"
+    return backend
+
+
+def run_backend(backend: str, package: Path, mel: torch.Tensor, extracted_dir: Path | None, manifest: dict):
+    if backend == "torch":
+        # The module that was fed to the converter, not the package: catches model bugs, not conversion bugs.
+        if extracted_dir is None:
+            raise VoxtralError("the torch backend needs the extracted weights")
+        weights, dims, _ = load_extracted(extracted_dir)
+        model = build_ane_encoder(weights, dims, str(manifest.get("attention", "split_heads")))
+        with torch.inference_mode():
+            return model(mel), {}
+    raise VoxtralError(f"backend {backend!r} is not available on {sys.platform}")
+
+
+def validate_package(
+    package_dir: str | os.PathLike[str],
+    reference: dict[str, torch.Tensor],
+    gate_db: float,
+    backend: str = "auto",
+    extracted_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, object]:
+    """Metrics of one package; raises VoxtralError when it breaks the contract or falls below the gate."""
+    package, manifest = find_package(Path(package_dir))
+    structure = package_structure(package)
+    check_structure(package, manifest, structure)
+    backend = resolve_backend(backend)
+    log.info("validating %s with the %s backend", package, backend)
+    embeddings, timings = run_backend(
+        backend, package, reference["mel"], Path(extracted_dir) if extracted_dir else None, manifest
+    )
+    embeddings = embeddings.reshape(reference["transformers"].shape).float()
+    metrics: dict[str, object] = {
+        **compare_embeddings(reference["transformers"], embeddings),
+        "vs_ane_module": compare_embeddings(reference["ane_module"], embeddings),
+        "backend": backend,
+        "gate_db": gate_db,
+        "size_bytes": manifest.get("size_bytes"),
+        "deployment_target": manifest["deployment_target"]["coreml"],
+        "output_shape": structure["outputs"][0]["shape"],
+        "ops": structure["ops"],
+        **timings,
+    }
+    if metrics["psnr_db"] < gate_db:
+        raise VoxtralError(
+            f"{package}: PSNR {metrics['psnr_db']} dB vs transformers is below the gate of {gate_db} dB "
+            f"(cosine_min {metrics['cosine_min']}, max_abs_err {metrics['max_abs_err']})"
+        )
+    return metrics

@@ -22,6 +22,7 @@ from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
 from .model import VoxtralEncoderANE, build_ane_encoder
+from .package_info import package_structure
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def convert_package(
         "weights_sha256": encoder_meta["weights_sha256"],
         "source": encoder_meta.get("source", {}),
         "size_bytes": tree_size(package),
+        "ops": package_structure(package)["ops"],
         "versions": versions(),
     }
     write_json_atomic(package.parent / MANIFEST, manifest)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,14 +21,13 @@ from .features import speech_mel
 from .layouts import read_json
 from .metrics import compare_embeddings
 from .model import build_ane_encoder
+from .package_info import SPEC_VERSION, package_structure
 from .reference import TransformersReference
 from .safetensors_io import TensorSpec, read_header, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.safetensors"
-# The spec version each deployment target writes.
-SPEC_VERSION = {"iOS16": 7, "iOS17": 8, "iOS18": 9}
 BACKENDS = ("auto", "mil", "coreml", "torch")
 
 
@@ -65,35 +63,6 @@ def find_package(package_dir: Path) -> tuple[Path, dict]:
     if not package.is_dir():
         raise VoxtralError(f"{folder / MANIFEST}: names package '{manifest.get('package')}', which is missing")
     return package, manifest
-
-
-def _array_description(feature) -> dict[str, object]:
-    array = feature.type.multiArrayType
-    dtype = {65568: "float32", 65552: "float16", 131104: "int32"}.get(array.dataType, str(array.dataType))
-    return {"name": feature.name, "shape": list(array.shape), "dtype": dtype}
-
-
-def package_structure(package: Path) -> dict[str, object]:
-    """I/O, spec version and the op inventory, read from the package's spec (works on any OS)."""
-    import coremltools as ct
-
-    spec_path = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
-    if not spec_path.is_file():
-        raise VoxtralError(f"{package}: missing {spec_path.relative_to(package)}")
-    try:
-        spec = ct.utils.load_spec(str(package))
-    except Exception as e:  # protobuf raises several types for damaged bytes
-        raise VoxtralError(f"{package}: the model spec cannot be read ({type(e).__name__}: {e})") from None
-    if not spec.HasField("mlProgram"):
-        raise VoxtralError(f"{package}: not an mlprogram")
-    main = spec.mlProgram.functions["main"]
-    ops = Counter(op.type for op in main.block_specializations[main.opset].operations if op.type != "const")
-    return {
-        "inputs": [_array_description(f) for f in spec.description.input],
-        "outputs": [_array_description(f) for f in spec.description.output],
-        "spec_version": spec.specificationVersion,
-        "ops": dict(sorted(ops.items())),
-    }
 
 
 def check_structure(package: Path, manifest: dict, structure: dict) -> None:
@@ -157,7 +126,7 @@ def validate_package(
         "size_bytes": manifest.get("size_bytes"),
         "deployment_target": manifest["deployment_target"]["coreml"],
         "output_shape": structure["outputs"][0]["shape"],
-        "ops": structure["ops"],
+        "ops_total": sum(structure["ops"].values()),
         **timings,
     }
     if metrics["psnr_db"] < gate_db:

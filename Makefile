@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` and `make test`. Everything runs inside .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+# DVC stages call `python`: the one in .venv.
+RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-full params lint clean-artifacts
+
+$(STAMP): requirements.lock pyproject.toml
+	@echo "== installing pinned dependencies into $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+# The whole pipeline, offline, on the built-in synthetic models; prints the report.
+demo: $(STAMP)
+	@echo "== dvc repro"
+	$(RUN) $(BIN)/dvc repro
+	@cat artifacts/report.md
+
+test: $(STAMP)
+	$(RUN) $(BIN)/python -m pytest -q
+
+# Adds the full-dimension checks (a few minutes).
+test-full: $(STAMP)
+	$(RUN) $(BIN)/python -m pytest -q -m "slow or not slow"
+
+# Recompose params.yaml from conf/ (the same composition `dvc exp run -S` does).
+params: $(STAMP)
+	$(BIN)/python -m voxtral_coreml.params
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean-artifacts:
+	rm -rf artifacts/checkpoints artifacts/extracted artifacts/reference artifacts/packages artifacts/metrics artifacts/report.md

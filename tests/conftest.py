@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny synthetic checkpoints in the real layout, and a demo pipeline run in a scratch repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from voxtral_coreml.dims import EncoderDims
+from voxtral_coreml.extract import extract_audio_tower
+from voxtral_coreml.synthetic import LanguageModelShape, write_synthetic_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DEMO_DIMS = EncoderDims(d_model=64, n_layers=2, n_heads=4, ffn_dim=256, hidden_size=96)
+DEMO_LM = LanguageModelShape(layers=2, intermediate=256, vocab=1000, shards=3)
+# What a scratch copy of the project needs to run its pipeline.
+PROJECT_FILES = ("conf", "stages", "voxtral_coreml", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
+                 ".dvcignore", ".gitignore")  # fmt: skip
+
+
+def env_with_venv() -> dict[str, str]:
+    """DVC stages call `python`: make it this interpreter."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return run([str(BIN / "voxtral-coreml"), *args], cwd=cwd, check=False)
+
+
+def write_checkpoint(root: Path, dims: EncoderDims = DEMO_DIMS, seed: int = 1) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    write_synthetic_checkpoint(root, dims, DEMO_LM, seed=seed)
+    return root
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    return write_checkpoint(tmp_path / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("extracted")
+    out = root / "extracted"
+    extract_audio_tower(write_checkpoint(root / "checkpoint"), out)
+    return out
+
+
+def copy_project(dest: Path) -> Path:
+    """A scratch git + DVC repository holding this project's pipeline definition."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo pipeline, run once per test session in a scratch copy of the project."""
+    repo = copy_project(tmp_path_factory.mktemp("demo") / "repo")
+    run([str(BIN / "dvc"), "repro"], repo)
+    return repo
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()

@@ -1,0 +1,132 @@
+"""`voxtral-coreml`: the pipeline's library as one-shot commands, for people who do not want a pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .errors import VoxtralError
+from .runner import run
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def recipe_config(name: str) -> dict:
+    path = CONF_DIR / "recipe" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+        raise VoxtralError(f"unknown recipe {name!r}; known: {', '.join(known) or 'none (conf/ not found)'}")
+    return yaml.safe_load(path.read_text())
+
+
+def _extract_to(checkpoint: Path, layout: str, workdir: Path) -> Path:
+    from .extract import extract_audio_tower
+
+    extracted = workdir / "extracted"
+    extract_audio_tower(checkpoint, extracted, layout=layout, source={"kind": "local", "name": checkpoint.name})
+    return extracted
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import Recipe, convert_package, infer_variant, package_name
+    from .dims import EncoderDims, read_encoder_json
+
+    recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix=".voxtral-", dir=out.parent if out.parent.exists() else None) as tmp:
+        extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
+        dims = EncoderDims.from_json(read_encoder_json(extracted)["dims"], str(extracted))
+        variant = args.variant or infer_variant(dims)
+        package = out if out.suffix == ".mlpackage" else out / package_name(variant)
+        manifest = convert_package(
+            extracted,
+            package,
+            recipe,
+            model_name=Path(args.checkpoint).name,
+            variant=variant,
+            attention=args.attention,
+        )
+    print(f"{package}: {manifest['outputs'][0]['shape']} ({manifest['size_bytes'] / 1e6:.1f} MB)")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from .validate import compute_reference, find_package, validate_package
+
+    package, manifest = find_package(Path(args.package))
+    gate = args.gate if args.gate is not None else float(recipe_config(manifest["recipe"]["name"])["psnr_gate_db"])
+    with tempfile.TemporaryDirectory(prefix=".voxtral-") as tmp:
+        extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
+        reference, parity = compute_reference(extracted, args.audio, manifest.get("attention", "split_heads"), 256)
+        metrics = validate_package(package, reference, gate, backend=args.backend, extracted_dir=extracted)
+    metrics["ane_module_vs_transformers"] = parity
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        print(
+            f"{package}: PSNR {metrics['psnr_db']} dB vs transformers (gate {gate} dB), "
+            f"cosine_min {metrics['cosine_min']}, max_abs_err {metrics['max_abs_err']}, backend {metrics['backend']}"
+        )
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .package_info import package_structure
+    from .validate import find_package
+
+    package, manifest = find_package(Path(args.package))
+    info = {"package": str(package), "manifest": manifest, "structure": package_structure(package)}
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return
+    s = info["structure"]
+    print(f"{package}")
+    for io in s["inputs"] + s["outputs"]:
+        print(f"  {io['name']}: {io['dtype']} {io['shape']}")
+    print(f"  target: {manifest['deployment_target']}  recipe: {manifest['recipe']['name']}")
+    print(f"  size: {manifest['size_bytes'] / 1e6:.1f} MB  ops: {sum(s['ops'].values())}")
+    for op, n in s["ops"].items():
+        print(f"    {op}: {n}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voxtral-coreml", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="checkpoint directory -> .mlpackage + manifest.json")
+    c.add_argument("--checkpoint", required=True, help="a Voxtral checkpoint directory")
+    c.add_argument("--recipe", default="fp16", help="a recipe name from conf/recipe/")
+    c.add_argument("--out", required=True, help="the .mlpackage to write (or a folder for it)")
+    c.add_argument("--variant", choices=["Mini", "Small"], help="default: from the projector's width")
+    c.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
+    c.add_argument("--attention", default="split_heads", help="attention core (see conf/config.yaml)")
+    c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("validate", help="compare a package's embeddings with transformers")
+    v.add_argument("package", help="the .mlpackage (manifest.json beside it)")
+    v.add_argument("--checkpoint", required=True, help="the checkpoint it was converted from")
+    v.add_argument("--audio", help="wav/flac to validate on (default: built-in speech)")
+    v.add_argument("--backend", default="auto", help="auto | mil | coreml | torch")
+    v.add_argument("--gate", type=float, help="PSNR gate in dB (default: the recipe's)")
+    v.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
+    v.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("inspect", help="describe a package")
+    i.add_argument("package")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    run(lambda: args.func(args), debug=args.debug or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -95,6 +95,7 @@ def _use_config_of(checkpoint: Path, dims: EncoderDims) -> None:
     (checkpoint / "config.json").write_text(json.dumps(config))
 
 
+ROW_3 = torch.tensor([3])
 BAD_CHECKPOINTS = {
     "missing tensor": (
         lambda c: _drop_tensor(c, "audio_tower.layers.1.fc2.bias"),
@@ -109,7 +110,7 @@ BAD_CHECKPOINTS = {
         "unexpected audio tensor 'audio_tower.layers.1",
     ),
     "NaN weight": (
-        lambda c: _rewrite_tensor(c, "audio_tower.layers.0.fc1.weight", lambda t: t.index_fill(0, torch.tensor([3]), float("nan"))),
+        lambda c: _rewrite_tensor(c, "audio_tower.layers.0.fc1.weight", lambda t: t.index_fill(0, ROW_3, float("nan"))),
         "'audio_tower.layers.0.fc1.weight' contains NaN or Inf",
     ),
     "corrupted header": (
@@ -152,5 +153,5 @@ def test_extracted_output_is_checked_when_loaded(extracted: Path, tmp_path: Path
     meta["dims"]["hidden_size"] = 128
     (broken / ENCODER_JSON).write_text(json.dumps(meta))
     (broken / WEIGHTS_FILE).write_bytes((extracted / WEIGHTS_FILE).read_bytes())
-    with pytest.raises(VoxtralError, match="multi_modal_projector.linear_1.weight' is \\[96, 256\\], expected \\[128"):
+    with pytest.raises(VoxtralError, match=r"multi_modal_projector.linear_1.weight' is \[96, 256\], expected \[128"):
         load_extracted(broken)

@@ -87,7 +87,7 @@ def test_mutations_fail_the_parity_gate(mutation: str, extracted: Path, monkeypa
 
 
 def test_reference_is_built_from_the_extracted_weights(extracted: Path) -> None:
-    weights, dims, _ = load_extracted(extracted)
+    _, dims, _ = load_extracted(extracted)
     assert dims == DEMO_DIMS
     tensors, result = compute_reference(extracted, None, "split_heads", 256)
     assert result["psnr_db"] >= PARITY_GATE_DB

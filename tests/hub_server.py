@@ -309,7 +309,7 @@ def _error(status: int, code: str | None, message: str, extra: dict[str, str] | 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """[first, last] for a single-range header, None without one, "bad" if unsatisfiable."""
     if header is None:
         return None
@@ -326,7 +326,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
 
 def _serve_file(file: Path, range_header: str | None, headers: dict[str, str]) -> _Answer:
     size = file.stat().st_size
-    rng = parse_range(range_header, size)
+    rng = _parse_range(range_header, size)
     if rng == "bad":
         return _Answer(416, {"Content-Range": f"bytes */{size}"})
     if rng is None:

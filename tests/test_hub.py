@@ -436,7 +436,14 @@ def test_killed_run_resumes_without_refetching(
 
 @pytest.mark.parametrize(
     "shard",
-    ["../evil.safetensors", "/etc/evil.safetensors", "sub\\evil.safetensors", "evil.bin", "a//b.safetensors"],
+    [
+        "../evil.safetensors",
+        "/etc/evil.safetensors",
+        "sub\\evil.safetensors",
+        "evil.bin",
+        "a//b.safetensors",
+        "./x.safetensors",
+    ],
 )
 def test_index_with_a_bad_shard_name_is_refused(
     hub: HubServer, sharded: FakeRepo, tmp_path: Path, shard: str

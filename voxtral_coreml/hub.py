@@ -55,6 +55,7 @@ DEFAULT_EXTRA_FILES = ("config.json", "preprocessor_config.json", "params.json")
 MERGE_GAP = 1 << 20  # reading 1 MiB costs less than another request's round trip
 CHUNK = 8 << 20  # disk write buffer: memory stays bounded whatever the shard size
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+DEFAULT_RETRY = RetryPolicy()
 LOGIN_HINT = "set HF_TOKEN or run `hf auth login` (formerly `huggingface-cli login`)"
 
 
@@ -95,7 +96,7 @@ def fetch_tensors(
     extra_files: tuple[str, ...] = DEFAULT_EXTRA_FILES,
     progress: bool = True,
     merge_gap: int = MERGE_GAP,
-    retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass, safe as a default
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> dict[str, Any]:
     """Write the tensors whose names satisfy `wanted` to `out_dir/model.safetensors`; return source.json.
 
@@ -127,14 +128,7 @@ def fetch_tensors(
         write_json_atomic(staging / "source.json", record)
     remove_path(download_dir)
     count = sum(len(s.tensors) for s in shards)
-    logger.info(
-        "%s@%s: %d tensors written to %s, %d bytes downloaded",
-        repo_id,
-        repo.commit,
-        count,
-        out_dir,
-        network_bytes,
-    )
+    logger.info("%s: %d tensors written to %s, %d bytes downloaded", repo_id, count, out_dir, network_bytes)
     return record
 
 
@@ -183,18 +177,18 @@ def _hub_errors(repo_id: str, revision: str, endpoint: str, filename: str | None
         if e.response.status_code == 403:
             raise VoxtralError(
                 f"{repo_id} is a gated repo and your token has no access: request it at {endpoint}/{repo_id}"
-            ) from None
+            ) from e
         raise VoxtralError(
             f"{repo_id} is a gated repo: accept its terms on the Hub, then {LOGIN_HINT}"
         ) from e
     except RepositoryNotFoundError as e:
         raise VoxtralError(f"repo {repo_id} not found at {endpoint} (if private, {LOGIN_HINT})") from e
-    except RevisionNotFoundError:
-        raise VoxtralError(f"{repo_id}: revision {revision!r} not found") from None
-    except RemoteEntryNotFoundError:
-        raise VoxtralError(f"{repo_id}@{revision}: file {filename!r} not found") from None
+    except RevisionNotFoundError as e:
+        raise VoxtralError(f"{repo_id}: revision {revision!r} not found") from e
+    except RemoteEntryNotFoundError as e:
+        raise VoxtralError(f"{repo_id}@{revision}: file {filename!r} not found") from e
     except HFValidationError as e:
-        raise VoxtralError(f"{what}: {_first_line(e)}") from None
+        raise VoxtralError(f"{what}: {_first_line(e)}") from e
     except HfHubHTTPError as e:
         raise VoxtralError(f"{what}: the Hub answered {_first_line(e)}") from e
     except (httpx2.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
@@ -251,7 +245,7 @@ def _read_weight_map(repo: _Repo, path: Path) -> dict[str, str]:
 def _check_shard_name(name: str, label: str) -> None:
     # Shard names come from the server: they must stay relative names inside the repo.
     parts = name.split("/")
-    relative = not name.startswith("/") and "\\" not in name and ".." not in parts and "" not in parts
+    relative = not name.startswith("/") and "\\" not in name and not {"", ".", ".."} & set(parts)
     if not relative or not name.endswith(".safetensors"):
         raise VoxtralError(f"{label}: refusing shard name {name!r} (must be a relative *.safetensors path)")
 

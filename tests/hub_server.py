@@ -107,11 +107,7 @@ class HubServer:
     # lifecycle
     def start(self) -> HubServer:
         for role in ("hub", "cdn"):
-            server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-            server.daemon_threads = True
-            server.block_on_close = False  # a stalled handler must not hold up stop()
-            server.hub = self  # type: ignore[attr-defined]
-            server.role = role  # type: ignore[attr-defined]
+            server = _Server(self, role)
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
             self._servers[role] = server
         return self
@@ -335,7 +331,21 @@ def _serve_file(file: Path, range_header: str | None, headers: dict[str, str]) -
     return _Answer(206, headers | {"Content-Range": f"bytes {start}-{stop}/{size}"}, (file, start, stop + 1))
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a stalled handler must not hold up stop()
+
+    def __init__(self, hub: HubServer, role: str) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.hub, self.role = hub, role
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients hanging up (timeouts, dropped connections) are part of the tests
+
+
 class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's pooled connections expect
 
     def log_message(self, format: str, *args: object) -> None:  # quiet test output
@@ -348,8 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(send_body=False)
 
     def _handle(self, send_body: bool) -> None:
-        hub: HubServer = self.server.hub  # type: ignore[attr-defined]
-        hit = Hit(self.server.role, self.command, self.path)  # type: ignore[attr-defined]
+        hub = self.server.hub
+        hit = Hit(self.server.role, self.command, self.path)
         hit.authorized = self.headers.get("Authorization") is not None
         match = _RANGE.fullmatch((self.headers.get("Range") or "").strip())
         if match and match.group(1):

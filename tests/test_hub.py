@@ -177,6 +177,20 @@ def test_sharded_fetch_is_bit_identical_for_the_wanted_tensors(
     assert cached == {"model.safetensors.index.json", "config.json", "preprocessor_config.json"}
 
 
+def test_near_ranges_are_merged(hub: HubServer, sharded: FakeRepo, tmp_path: Path, tensors: dict) -> None:
+    # Skipping a 64-byte tensor between wanted ones costs less than a second request.
+    def wanted(name: str) -> bool:
+        return audio_or_projector(name) and name != "audio_tower.layer_norm.weight"
+
+    merged = fetch(sharded, tmp_path / "merged", wanted=wanted)
+    split = fetch(sharded, tmp_path / "split", wanted=wanted, merge_gap=0)
+    assert [len(f["ranges"]) for f in merged["files"].values()] == [1, 1, 1]
+    assert [len(f["ranges"]) for f in split["files"].values()] == [2, 1, 1]
+    expected = {k: v for k, v in tensors.items() if wanted(k)}
+    assert_same_tensors(tmp_path / "merged" / "model.safetensors", expected)
+    assert_same_tensors(tmp_path / "split" / "model.safetensors", expected)
+
+
 def test_only_the_wanted_bytes_cross_the_wire(hub: HubServer, tmp_path: Path) -> None:
     # An LM ~16x bigger than the audio part: headers, index and configs must stay within the 2% budget.
     tensors = voxtral_like(audio_dim=96, audio_layers=4, lm_dim=256, vocab=8192)
@@ -289,7 +303,9 @@ def test_gated_repo_with_an_unauthorized_token(
         fetch(repo, tmp_path / "out")
 
 
+@pytest.mark.parametrize("via", ["HF_TOKEN", "login"])
 def test_gated_repo_with_token_works_and_the_token_leaks_nowhere(
+    via: str,
     hub: HubServer,
     gated: tuple[FakeRepo, str],
     tmp_path: Path,
@@ -299,7 +315,11 @@ def test_gated_repo_with_token_works_and_the_token_leaks_nowhere(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     repo, token = gated
-    monkeypatch.setenv("HF_TOKEN", token)
+    if via == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:  # what `hf auth login` leaves behind (the path is the fixture's tmp one)
+        Path(constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+        Path(constants.HF_TOKEN_PATH).write_text(token)
     with caplog.at_level(logging.DEBUG):
         fetch(repo, tmp_path / "out", revision="main", progress=True)
 
@@ -311,7 +331,7 @@ def test_gated_repo_with_token_works_and_the_token_leaks_nowhere(
     captured = capsys.readouterr()
     assert token not in caplog.text + captured.out + captured.err
     for path in tmp_path.rglob("*"):
-        if path.is_file() and not path.is_relative_to(repo.root):
+        if path.is_file() and not path.is_relative_to(repo.root) and path != Path(constants.HF_TOKEN_PATH):
             assert token.encode() not in path.read_bytes(), path
 
 

@@ -214,11 +214,12 @@ def _find_weights(repo: _Repo, wanted: Callable[[str], bool]) -> tuple[str, dict
     """The layout, and each shard to read with the wanted names the index puts there (None: no index)."""
     if INDEX in repo.files:
         weight_map = _read_weight_map(repo, _download_small(repo, INDEX))
-        expected: dict[str, set[str] | None] = {}
+        names: dict[str, set[str]] = {}
         for tensor, shard in weight_map.items():
             if wanted(tensor):
-                expected.setdefault(shard, set()).add(tensor)  # type: ignore[union-attr]
-        return "sharded", dict(sorted(expected.items()))
+                names.setdefault(shard, set()).add(tensor)
+        expected: dict[str, set[str] | None] = dict(sorted(names.items()))
+        return "sharded", expected
     for layout, name in (("single", SINGLE), ("consolidated", CONSOLIDATED)):
         if name in repo.files:
             return layout, {name: None}
@@ -230,7 +231,7 @@ def _read_weight_map(repo: _Repo, path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
-        raise VoxtralError(f"{label}: not a safetensors index with a weight_map ({_first_line(e)})") from None
+        raise VoxtralError(f"{label}: not a safetensors index with a weight_map ({_first_line(e)})") from e
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):

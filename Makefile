@@ -7,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-full params lint clean-artifacts
+.PHONY: install demo test params lint clean-artifacts
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "== installing pinned dependencies into $(VENV)"
@@ -27,10 +27,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest -q
-
-# Adds the full-dimension checks (a few minutes).
-test-full: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q -m "slow or not slow"
 
 # Recompose params.yaml from conf/ (the same composition `dvc exp run -S` does).
 params: $(STAMP)

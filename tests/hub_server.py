@@ -224,9 +224,7 @@ class HubServer:
         }
         return _Answer(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
 
-    def _resolve(
-        self, hit: Hit, revision: str, range_header: str | None, authorization: str | None
-    ) -> _Answer:
+    def _resolve(self, hit: Hit, revision: str, range_header: str | None, authorization: str | None) -> _Answer:
         repo = self.repos.get(hit.repo_id or "")
         if repo is None:
             return _repo_not_found(authorization)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DIMS, write_checkpoint
 
 import voxtral_coreml.layouts as layouts
+from conftest import DEMO_DIMS, write_checkpoint
 from voxtral_coreml.dims import ENCODER_JSON, POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.extract import extract_audio_tower, load_extracted

@@ -65,11 +65,7 @@ def shard_of(name: str) -> str:
         return SHARDS[1] if layer.isdigit() and int(layer) >= 2 else SHARDS[0]
     if name.startswith("multi_modal_projector.") or "lm_head" in name:
         return SHARDS[2]
-    return (
-        SHARDS[0]
-        if "embed_tokens" in name
-        else SHARDS[1 if ".layers.0." in name or ".layers.1." in name else 2]
-    )
+    return SHARDS[0] if "embed_tokens" in name else SHARDS[1 if ".layers.0." in name or ".layers.1." in name else 2]
 
 
 def write_sharded(root: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -214,9 +210,7 @@ def test_single_file_repo(hub: HubServer, tmp_path: Path, tensors: dict) -> None
     record = fetch(repo, tmp_path / "out", wanted=lambda n: n.startswith("audio_tower."))
 
     assert record["layout"] == "single" and list(record["files"]) == ["model.safetensors"]
-    assert_same_tensors(
-        tmp_path / "out" / "model.safetensors", {k: v for k, v in tensors.items() if "audio" in k}
-    )
+    assert_same_tensors(tmp_path / "out" / "model.safetensors", {k: v for k, v in tensors.items() if "audio" in k})
 
 
 def test_mistral_consolidated_repo(hub: HubServer, tmp_path: Path) -> None:
@@ -255,13 +249,9 @@ def test_branch_revision_is_resolved_recorded_and_warned(
     assert "not a commit hash" not in caplog.text
 
 
-def test_shard_in_hf_cache_is_read_locally(
-    hub: HubServer, sharded: FakeRepo, tmp_path: Path, tensors: dict
-) -> None:
+def test_shard_in_hf_cache_is_read_locally(hub: HubServer, sharded: FakeRepo, tmp_path: Path, tensors: dict) -> None:
     cache = tmp_path / "hf_home" / "hub"
-    hf_hub_download(
-        sharded.repo_id, SHARDS[1], revision=sharded.commit, endpoint=hub.endpoint, cache_dir=cache
-    )
+    hf_hub_download(sharded.repo_id, SHARDS[1], revision=sharded.commit, endpoint=hub.endpoint, cache_dir=cache)
     hub.reset_log()
     fetch(sharded, tmp_path / "out")
 
@@ -340,9 +330,7 @@ def test_gated_repo_with_token_works_and_the_token_leaks_nowhere(
 
 def test_missing_repo(hub: HubServer, tmp_path: Path) -> None:
     with pytest.raises(VoxtralError, match=r"^repo nobody/nothing not found at http://127\.0\.0\.1:\d+ \(if"):
-        fetch_tensors(
-            "nobody/nothing", "main", tmp_path / "out", audio_or_projector, progress=False, retry=FAST
-        )
+        fetch_tensors("nobody/nothing", "main", tmp_path / "out", audio_or_projector, progress=False, retry=FAST)
 
 
 def test_missing_revision(sharded: FakeRepo, tmp_path: Path) -> None:
@@ -352,9 +340,7 @@ def test_missing_revision(sharded: FakeRepo, tmp_path: Path) -> None:
 
 def test_index_naming_a_shard_the_repo_lacks(sharded: FakeRepo, tmp_path: Path) -> None:
     (sharded.root / SHARDS[2]).unlink()
-    with pytest.raises(
-        VoxtralError, match=r"names shard 'model-00003-of-00003\.safetensors', which is not in"
-    ):
+    with pytest.raises(VoxtralError, match=r"names shard 'model-00003-of-00003\.safetensors', which is not in"):
         fetch(sharded, tmp_path / "out")
 
 
@@ -369,9 +355,7 @@ def test_repo_without_safetensors_weights(hub: HubServer, tmp_path: Path) -> Non
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"pickle")
     repo = hub.add_repo(FakeRepo("org/old", tmp_path / "bin"))
-    with pytest.raises(
-        VoxtralError, match=r"no model\.safetensors\.index\.json, model\.safetensors or consolidated"
-    ):
+    with pytest.raises(VoxtralError, match=r"no model\.safetensors\.index\.json, model\.safetensors or consolidated"):
         fetch(repo, tmp_path / "out")
 
 
@@ -402,9 +386,7 @@ def test_persistent_5xx_gives_up_with_one_line(hub: HubServer, sharded: FakeRepo
     assert not (tmp_path / "out").exists()
 
 
-def test_dropped_connection_resumes_mid_range(
-    hub: HubServer, sharded: FakeRepo, tmp_path: Path, tensors: dict
-) -> None:
+def test_dropped_connection_resumes_mid_range(hub: HubServer, sharded: FakeRepo, tmp_path: Path, tensors: dict) -> None:
     hub.drop_next(1, after_bytes=5000, match=data_of(SHARDS[0]))
     record = fetch(sharded, tmp_path / "out")
 
@@ -445,9 +427,7 @@ def test_killed_run_resumes_without_refetching(
     [resumed] = cdn_data(hub, SHARDS[1])
     assert resumed.range == (begin + 3000, end - 1)
     assert len(cdn_data(hub, SHARDS[2])) == 1
-    assert_same_tensors(
-        out / "model.safetensors", {k: v for k, v in tensors.items() if audio_or_projector(k)}
-    )
+    assert_same_tensors(out / "model.safetensors", {k: v for k, v in tensors.items() if audio_or_projector(k)})
     assert not (tmp_path / ".out.download").exists()
 
 
@@ -465,9 +445,7 @@ def test_killed_run_resumes_without_refetching(
         "./x.safetensors",
     ],
 )
-def test_index_with_a_bad_shard_name_is_refused(
-    hub: HubServer, sharded: FakeRepo, tmp_path: Path, shard: str
-) -> None:
+def test_index_with_a_bad_shard_name_is_refused(hub: HubServer, sharded: FakeRepo, tmp_path: Path, shard: str) -> None:
     index_path = sharded.root / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     index["weight_map"]["audio_tower.conv1.bias"] = shard

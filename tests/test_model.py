@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DIMS
 
 import voxtral_coreml.model as model_module
+from conftest import DEMO_DIMS
 from voxtral_coreml.attention import ATTENTION_CORES
 from voxtral_coreml.dims import EncoderDims, canonical_tensor_shapes
 from voxtral_coreml.extract import load_extracted

@@ -417,6 +417,7 @@ def _source_record(repo: _Repo, layout: str, shards: list[_Shard], extras: dict[
         for shard in shards
     }
     return {
+        "kind": "hub",
         "repo_id": repo.repo_id,
         "revision": repo.revision,
         "commit": repo.commit,

@@ -17,11 +17,17 @@ from .dims import EncoderDims
 from .errors import VoxtralError
 from .safetensors_io import TensorInfo, read_header, read_tensor
 
-AUDIO_PREFIXES = ("audio_tower.", "multi_modal_projector.")
+AUDIO_PREFIXES = ("audio_tower.", "multi_modal_projector.")  # HF and MLX names
+MISTRAL_PREFIX = "mm_whisper_embeddings."  # Mistral's consolidated names
 
 
 def is_audio_tensor(name: str) -> bool:
     return name.startswith(AUDIO_PREFIXES)
+
+
+def is_encoder_tensor_any_layout(name: str) -> bool:
+    """What to fetch from a repo before its layout is known."""
+    return name.startswith((*AUDIO_PREFIXES, MISTRAL_PREFIX))
 
 
 @dataclass(frozen=True)

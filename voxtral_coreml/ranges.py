@@ -7,6 +7,7 @@ as in the client itself (httpx2 drops the Authorization header when a redirect l
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -105,8 +106,18 @@ def download_range(
             _give_up_or_wait(policy, failures, f"{source} bytes {rng.begin}-{rng.end - 1}", e)
 
 
+def _host_unknown(error: Exception) -> bool:
+    # A name that does not resolve will not resolve in a minute either (offline, or a mistyped HF_ENDPOINT).
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, socket.gaierror):
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(error, httpx2.ConnectError) and cause is not None
+
+
 def _give_up_or_wait(policy: RetryPolicy, failures: int, what: str, error: Exception) -> None:
     reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}"
+    if _host_unknown(error):
+        raise VoxtralError(f"{what}: cannot reach the Hub ({reason}); check the network or HF_ENDPOINT") from error
     if failures >= policy.attempts:
         raise VoxtralError(f"{what}: giving up after {failures} failed attempts ({reason})") from error
     wait = policy.wait(failures)

@@ -3,7 +3,7 @@
 - synthetic: generated in the real HF layout from the dimensions in conf/model/.
 - local: a directory the user already has; recorded by path and a fingerprint (sizes and mtimes), so a
   checkpoint changed in place after download is caught by extract instead of silently converted.
-- hub: the Hugging Face Hub (issue C).
+- hub: the Hugging Face Hub: only the audio tensors' byte ranges are fetched (see hub.py).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from typing import Any
 from .atomic import atomic_path, write_json_atomic
 from .dims import EncoderDims
 from .errors import VoxtralError
-from .layouts import open_layout, read_json
+from .layouts import is_encoder_tensor_any_layout, open_layout, read_json
 from .synthetic import LanguageModelShape, write_synthetic_checkpoint
 
 log = logging.getLogger(__name__)
 
 SOURCE_JSON = "source.json"
 SOURCE_KINDS = ("synthetic", "local", "hub")
-PRIVATE_SOURCE_KEYS = ("path", "fingerprint")  # machine-specific: kept out of manifests
+# What manifests may carry about a source: no local paths, no per-file details.
+PUBLIC_SOURCE_KEYS = ("kind", "model", "seed", "name", "repo_id", "revision", "commit", "layout")
 
 
 def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
@@ -58,10 +59,11 @@ def materialize_checkpoint(model: str, source: dict[str, Any], out_dir: str | os
     if kind not in SOURCE_KINDS:
         raise VoxtralError(f"{where}.kind: unknown source {kind!r}; choose one of {', '.join(SOURCE_KINDS)}")
     if kind == "hub":
-        raise VoxtralError(
-            f"{where}: the hub source ({source.get('repo_id')}) is not available in this version; "
-            f"download the checkpoint yourself and set {where}.kind=local and {where}.path=DIR"
-        )
+        from .hub import fetch_tensors
+
+        repo_id, revision = _require(source, "repo_id", where), str(_require(source, "revision", where))
+        fetch_tensors(repo_id, revision, Path(out_dir), wanted=is_encoder_tensor_any_layout)
+        return
     with atomic_path(out_dir) as staging:
         staging.mkdir()
         if kind == "synthetic":
@@ -97,4 +99,4 @@ def checkpoint_root(download_dir: str | os.PathLike[str]) -> Path:
 
 def public_source_info(download_dir: str | os.PathLike[str]) -> dict[str, Any]:
     info = read_json(Path(download_dir) / SOURCE_JSON)
-    return {k: v for k, v in info.items() if k not in PRIVATE_SOURCE_KEYS}
+    return {k: info[k] for k in PUBLIC_SOURCE_KEYS if k in info}

@@ -1,0 +1,80 @@
+"""The demo pipeline end to end in a scratch copy of the project: outputs, caching, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import BIN, copy_project, run
+from voxtral_coreml.convert import MANIFEST
+
+DVC = str(BIN / "dvc")
+DEMO_H = {"demo-mini": 96, "demo-small": 160}
+
+
+def test_demo_builds_a_package_per_model_with_its_own_width(demo_repo: Path) -> None:
+    report = (demo_repo / "artifacts" / "report.md").read_text()
+    for model, hidden in DEMO_H.items():
+        assert f"| {model} | fp16 | [1,375,{hidden}] |" in report
+        folder = demo_repo / "artifacts" / "packages" / model / "fp16"
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert (folder / manifest["package"]).is_dir()
+        assert manifest["outputs"] == [{"name": "audio_embeddings", "shape": [1, 375, hidden], "dtype": "float32"}]
+        assert manifest["inputs"] == [{"name": "mel_spectrogram", "shape": [1, 128, 3000], "dtype": "float32"}]
+        assert manifest["deployment_target"]["coreml"] == "iOS16"
+        assert len(manifest["weights_sha256"]) == 64
+
+
+def test_dvc_metrics_show_lists_every_package(demo_repo: Path) -> None:
+    shown = json.loads(run([DVC, "metrics", "show", "--json"], demo_repo).stdout)
+    files = next(iter(shown.values()))["data"]
+    for model in DEMO_H:
+        metrics = files[f"artifacts/metrics/{model}/fp16.json"]["data"]
+        assert metrics["psnr_db"] >= metrics["gate_db"]
+        assert {"psnr_db", "cosine_min", "max_abs_err", "size_bytes", "backend"} <= set(metrics)
+
+
+def test_second_repro_runs_nothing(demo_repo: Path) -> None:
+    result = run([DVC, "repro"], demo_repo)
+    assert "Running stage" not in result.stdout
+    assert "Data and pipelines are up to date." in run([DVC, "status"], demo_repo).stdout
+
+
+def test_changing_one_model_invalidates_only_its_entries(tmp_path: Path, demo_repo: Path) -> None:
+    params_path = demo_repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["models"]["demo-small"]["source"]["seed"] = 99
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run([DVC, "status", "--json"], demo_repo).stdout)
+    finally:
+        params_path.write_text(original)
+    assert status  # something changed ...
+    assert all("demo-small" in stage or stage == "report" for stage in status), status  # ... only demo-small's
+
+
+def test_unknown_model_fails_at_its_stage_with_one_line_and_no_output(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo")
+    result = run(["python", "-m", "stages.download", "no-such-model"], repo, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: params.yaml: no 'no-such-model' under models")
+    assert "Traceback" not in result.stderr
+    assert not (repo / "artifacts").exists() or not any((repo / "artifacts").rglob("*"))
+
+
+def test_unknown_recipe_is_named(demo_repo: Path) -> None:
+    result = run(["python", "-m", "stages.convert", "demo-mini", "int3"], demo_repo, check=False)
+    assert result.returncode == 2
+    assert "no 'int3' under recipes (known: fp16" in result.stderr
+    assert not (demo_repo / "artifacts" / "packages" / "demo-mini" / "int3").exists()
+
+
+def test_hub_model_fails_clearly_without_the_hub(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo")
+    result = run(["python", "-m", "stages.download", "mini"], repo, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "mistralai/Voxtral-Mini-3B-2507" in result.stderr.strip().splitlines()[-1]

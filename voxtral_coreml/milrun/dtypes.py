@@ -68,7 +68,7 @@ def to_runtime(value: Any) -> Any:
     if isinstance(value, str):
         return value
     array = np.asarray(value)
-    if array.dtype == np.float16 or array.dtype == np.float64:
+    if array.dtype == np.float16:
         array = array.astype(np.float32)
     elif array.dtype == np.uint16:
         array = array.astype(np.int32)

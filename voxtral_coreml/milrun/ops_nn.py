@@ -12,8 +12,9 @@ from .args import Kernel, OpArgs, Result
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _conv_pads(a: OpArgs, spatial: list[int], kernel: list[int], strides: list[int], dilations: list[int]
-               ) -> list[tuple[int, int]]:
+def _conv_pads(
+    a: OpArgs, spatial: list[int], kernel: list[int], strides: list[int], dilations: list[int]
+) -> list[tuple[int, int]]:
     """(before, after) padding per spatial dim for MIL pad_type valid / custom / same / same_lower.
 
     same: total = max(0, (ceil(d/s) - 1) * s + dilated_kernel - d), the odd pixel after (as torch and TF do);
@@ -98,15 +99,24 @@ def _layer_norm(a: OpArgs) -> Result:
 
 def _batch_norm(a: OpArgs) -> Result:
     """batch_norm(x [N, C, *D], mean, variance, gamma?, beta?, epsilon=1e-5), per channel (dim 1)."""
-    return F.batch_norm(a.tensor("x"), a.tensor("mean"), a.tensor("variance"), a.get("gamma"), a.get("beta"),
-                        training=False, eps=a.number("epsilon", 1e-5))
+    return F.batch_norm(
+        a.tensor("x"),
+        a.tensor("mean"),
+        a.tensor("variance"),
+        a.get("gamma"),
+        a.get("beta"),
+        training=False,
+        eps=a.number("epsilon", 1e-5),
+    )
 
 
 def _reduce(fn: Callable[..., torch.Tensor]) -> Kernel:
     """reduce_*(x, axes=all, keep_dims=False)."""
+
     def kernel(a: OpArgs) -> Result:
         x = a.tensor("x")
         return fn(x, dim=a.ints("axes", list(range(x.dim()))), keepdim=a.flag("keep_dims", False))
+
     return kernel
 
 

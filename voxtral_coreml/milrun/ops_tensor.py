@@ -110,7 +110,7 @@ def _gather(a: OpArgs) -> Result:
         raise VoxtralError("gather with batch_dims != 0 is not supported by the MIL runtime")
     axis %= x.dim()
     flat = x.index_select(axis, indices.flatten() % x.shape[axis])
-    return flat.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return flat.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
 
 
 KERNELS: dict[str, Kernel] = {

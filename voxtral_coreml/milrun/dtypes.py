@@ -74,5 +74,6 @@ def to_runtime(value: Any) -> Any:
         array = array.astype(np.int32)
     elif array.dtype == np.uint32:
         array = array.astype(np.int64)
-    # A copy, because the loader's arrays are read-only views of the weight file's bytes.
-    return torch.from_numpy(np.array(array, copy=True))
+    if not array.flags.writeable:  # the loader's arrays can be read-only views of the weight file's bytes
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array))

@@ -13,9 +13,9 @@ from .args import Kernel, OpArgs, Result
 def _unpack_bits(packed: torch.Tensor, nbits: int, count: int) -> torch.Tensor:
     """count unsigned nbits-wide values packed LSB-first: the first fills byte 0 from its lowest bit upward,
     and a value that does not fit spills into the low bits of the next byte."""
-    bits = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1
+    bits = (packed.to(torch.uint8).unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
     bits = bits.flatten()[: count * nbits].reshape(count, nbits)
-    return (bits << torch.arange(nbits)).sum(dim=1)
+    return (bits.to(torch.int64) << torch.arange(nbits)).sum(dim=1)
 
 
 def _scatter(nonzero_data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ def _slice_by_index(a: OpArgs) -> Result:
             None if begin_mask[dim] else begin[dim], None if end_mask[dim] else end[dim], stride[dim]
         ).indices(x.shape[dim])
         if step > 0:
-            x = x.narrow(dim, start, max(0, stop - start))[(slice(None),) * dim + (slice(None, None, step),)]
+            x = x[(slice(None),) * dim + (slice(start, stop, step),)]
         else:
             # torch slicing has no negative steps, so reversed slices pick their elements explicitly.
             x = x.index_select(dim, torch.arange(start, stop, step))

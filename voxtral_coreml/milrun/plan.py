@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from coremltools.converters.mil.mil import Block, Function, Program, Var
+from coremltools.converters.mil.mil import Block, Function, Operation, Program, Var
 
 from voxtral_coreml.errors import VoxtralError
 
@@ -75,36 +75,35 @@ class Plan:
         for op in function.operations:
             self._compile(op)
         self._outputs = {var.name: self._slot_of[var] for var in function.outputs}
-        self.constants = self._keep_used_constants()
+        self._kept = self._keep_used_constants()
         self._steps = self._with_frees()
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         env = list(self._template)
         for name, slot in self._inputs.items():
             env[slot] = feeds[name]
-        step = None
-        try:
-            for step in self._steps:
+        for step in self._steps:
+            try:
                 step.run(env)
-        except Exception as exc:
-            assert step is not None
-            raise VoxtralError(f"{self._where}: op {step.op_type} {step.name!r} failed: {exc}") from exc
+            except Exception as exc:
+                raise VoxtralError(f"{self._where}: op {step.op_type} {step.name!r} failed: {exc}") from exc
         return {name: env[slot] for name, slot in self._outputs.items()}
 
     def constant(self, name: str) -> torch.Tensor:
         """A materialized constant the steps read (e.g. a decompressed weight), by its MIL var name."""
-        if name not in self.constants:
+        if name not in self._kept:
             raise VoxtralError(f"{self._where}: no materialized constant named {name!r}")
-        return self._template[self.constants[name]]
+        return self._template[self._kept[name]]
 
     @property
     def peak_live_intermediates(self) -> int:
         """The most op results held at once during a run; small when frees work."""
+        inputs = set(self._inputs.values())
         live, peak = 0, 0
         for step in self._steps:
             live += len(step.outputs)
             peak = max(peak, live)
-            live -= sum(1 for slot in step.free if slot not in self._inputs.values())
+            live -= sum(1 for slot in step.free if slot not in inputs)
         return peak
 
     def _new_slot(self, var: Var, value: Any = None) -> int:
@@ -117,7 +116,7 @@ class Plan:
             return tuple(self._slot_of[v] for v in value)
         return self._slot_of[value]
 
-    def _compile(self, op: Any) -> None:
+    def _compile(self, op: Operation) -> None:
         if op.op_type == "const":
             self._constant.add(self._new_slot(op.outputs[0], to_runtime(op.outputs[0].val)))
             return

@@ -44,8 +44,7 @@ class MilModel:
         self.program = program
         self.source = source
         self.spec_version = spec_version
-        # None for a builder program made without an opset_version.
-        self.deployment_target: str | None = main.opset_version.name if main.opset_version else None
+        self.deployment_target: str = main.opset_version.name
         self.inputs = tuple(_info(name, var, source) for name, var in main.inputs.items())
         self.outputs = tuple(_info(var.name, var, source) for var in main.outputs)
         self._plan = Plan(main, source)

@@ -117,9 +117,7 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize(
-    ("case", "x_shape", "w_shape", "kwargs", "pads"), CONV_CASES, ids=[c[0] for c in CONV_CASES]
-)
+@pytest.mark.parametrize(("case", "x_shape", "w_shape", "kwargs", "pads"), CONV_CASES, ids=[c[0] for c in CONV_CASES])
 def test_conv(execute, case, x_shape, w_shape, kwargs, pads, bias) -> None:
     weight, b = rand(*w_shape, seed=1), rand(w_shape[0], seed=2)
     extra = {"bias": b} if bias else {}
@@ -178,9 +176,7 @@ def test_linear(bias) -> None:
         return mb.linear(x=x, weight=weight, **extra)
 
     x = rand(2, 3, 4)
-    np.testing.assert_allclose(
-        run_program(prog, x=x), x @ weight.T + (b if bias else 0), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(run_program(prog, x=x), x @ weight.T + (b if bias else 0), rtol=1e-5, atol=1e-5)
 
 
 EINSUM_CASES = [
@@ -224,9 +220,7 @@ def test_softmax(axis) -> None:
     x = rand(2, 3, 4, 5, high=6.0)
     ax = -1 if axis is None else axis
     e = np.exp(x - x.max(axis=ax, keepdims=True))
-    np.testing.assert_allclose(
-        run_program(prog, x=x), e / e.sum(axis=ax, keepdims=True), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(run_program(prog, x=x), e / e.sum(axis=ax, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 def np_layer_norm(x: np.ndarray, axes: tuple[int, ...], eps: float) -> np.ndarray:
@@ -376,9 +370,7 @@ UNARY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("op", "kwargs", "reference"), UNARY_CASES, ids=[f"{c[0]}{len(c[1])}" for c in UNARY_CASES]
-)
+@pytest.mark.parametrize(("op", "kwargs", "reference"), UNARY_CASES, ids=[f"{c[0]}{len(c[1])}" for c in UNARY_CASES])
 def test_unary(op, kwargs, reference) -> None:
     positive = op in ("sqrt", "rsqrt", "log", "inverse")
 
@@ -580,9 +572,7 @@ def pack_lsb_first(values: np.ndarray, nbits: int) -> np.ndarray:
     """Written from the iOS16 spec text: bits fill each byte from its LSB up, spilling into the next byte."""
     bits = [(int(v) >> k) & 1 for v in values.ravel() for k in range(nbits)]
     bits += [0] * (-len(bits) % 8)
-    return np.array(
-        [sum(bit << k for k, bit in enumerate(bits[i : i + 8])) for i in range(0, len(bits), 8)], np.uint8
-    )
+    return np.array([sum(bit << k for k, bit in enumerate(bits[i : i + 8])) for i in range(0, len(bits), 8)], np.uint8)
 
 
 def decompressed(program: Program, execute: Callable[..., Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -599,9 +589,7 @@ def test_ios16_lut_to_dense(execute, nbits) -> None:
 
     @mb.program(input_specs=[mb.TensorSpec(shape=shape)], opset_version=IOS16)
     def prog(x):
-        w = mb.constexpr_lut_to_dense(
-            indices=pack_lsb_first(indices, nbits), lut=lut, shape=np.array(shape, np.uint32)
-        )
+        w = mb.constexpr_lut_to_dense(indices=pack_lsb_first(indices, nbits), lut=lut, shape=np.array(shape, np.uint32))
         return mb.add(x=x, y=w)
 
     np.testing.assert_array_equal(decompressed(prog, execute, shape), lut[indices])
@@ -705,9 +693,7 @@ def test_ios18_lut_to_dense_grouped_and_vector(execute) -> None:
     @mb.program(input_specs=[mb.TensorSpec(shape=(4, 6)), mb.TensorSpec(shape=(4, 3))], opset_version=IOS18)
     def prog(x, z):
         grouped = mb.constexpr_lut_to_dense(indices=indices.astype(types.np_uint2_dtype), lut=lut)
-        vector = mb.constexpr_lut_to_dense(
-            indices=vec_indices.astype(types.np_uint1_dtype), lut=vec_lut, vector_axis=0
-        )
+        vector = mb.constexpr_lut_to_dense(indices=vec_indices.astype(types.np_uint1_dtype), lut=vec_lut, vector_axis=0)
         return mb.add(x=x, y=grouped), mb.add(x=z, y=vector)
 
     grouped, vector = execute(prog, x=np.zeros((4, 6), np.float32), z=np.zeros((4, 3), np.float32))
@@ -736,12 +722,8 @@ def test_ios18_sparse_ops(execute) -> None:
     @mb.program(input_specs=[mb.TensorSpec(shape=(4, 6))], opset_version=IOS18)
     def prog(x):
         plain = mb.constexpr_sparse_to_dense(nonzero_data=values, mask=uint1_mask)
-        q_mask, q_values = mb.constexpr_sparse_blockwise_shift_scale(
-            data_mask=uint1_mask, nonzero_data=q, scale=scale
-        )
-        l_mask, l_values = mb.constexpr_lut_to_sparse(
-            indices_mask=uint1_mask, indices_nonzero_data=lut_idx, lut=lut
-        )
+        q_mask, q_values = mb.constexpr_sparse_blockwise_shift_scale(data_mask=uint1_mask, nonzero_data=q, scale=scale)
+        l_mask, l_values = mb.constexpr_lut_to_sparse(indices_mask=uint1_mask, indices_nonzero_data=lut_idx, lut=lut)
         quantized = mb.constexpr_sparse_to_dense(nonzero_data=q_values, mask=q_mask)
         palettized = mb.constexpr_sparse_to_dense(nonzero_data=l_values, mask=l_mask)
         return mb.add(x=x, y=plain), mb.add(x=x, y=quantized), mb.add(x=x, y=palettized)
@@ -779,9 +761,7 @@ def test_op_types_count_nested_blocks() -> None:
         opset_version=IOS16,
     )
     def prog(p, x):
-        return mb.cond(
-            pred=mb.squeeze(x=p), _true_fn=lambda: mb.add(x=x, y=1.0), _false_fn=lambda: mb.mul(x=x, y=2.0)
-        )
+        return mb.cond(pred=mb.squeeze(x=p), _true_fn=lambda: mb.add(x=x, y=1.0), _false_fn=lambda: mb.mul(x=x, y=2.0))
 
     counts = program_op_types(prog)
     assert (counts["cond"], counts["add"], counts["mul"], counts["squeeze"]) == (1, 1, 1, 1)
@@ -827,9 +807,7 @@ def test_constant_subgraphs_are_folded_once(monkeypatch: pytest.MonkeyPatch) -> 
     model = load_program(prog)
     assert calls == {"add": 1, "constexpr_cast": 1}
     for _ in range(3):
-        np.testing.assert_array_equal(
-            model.predict({"x": np.zeros(3, np.float32)})[model.outputs[0].name], 3.0
-        )
+        np.testing.assert_array_equal(model.predict({"x": np.zeros(3, np.float32)})[model.outputs[0].name], 3.0)
     assert calls == {"add": 4, "constexpr_cast": 1}
 
 
@@ -902,9 +880,7 @@ class Layer(nn.Module):
 class TinyEncoder(nn.Module):
     """The encoder + projector's structure at toy width: (B, C, 1, S) layout, 1x1 convs, per-head einsums."""
 
-    def __init__(
-        self, n_mels: int, frames: int, d: int = 32, heads: int = 2, layers: int = 2, hidden: int = 48
-    ):
+    def __init__(self, n_mels: int, frames: int, d: int = 32, heads: int = 2, layers: int = 2, hidden: int = 48):
         super().__init__()
         self.conv1 = nn.Conv2d(n_mels, d, (1, 3), padding=(0, 1))
         self.conv2 = nn.Conv2d(d, d, (1, 3), stride=(1, 2), padding=(0, 1))
@@ -998,9 +974,7 @@ def test_package_errors_name_the_package(encoder, tmp_path: Path) -> None:
     truncated = Path(shutil.copytree(encoder["fp32"], tmp_path / "truncated.mlpackage"))
     spec_file = truncated / "Data/com.apple.CoreML/model.mlmodel"
     spec_file.write_bytes(spec_file.read_bytes()[: spec_file.stat().st_size // 2])
-    with pytest.raises(
-        VoxtralError, match=r"truncated\.mlpackage: model spec model\.mlmodel is missing or corrupt"
-    ):
+    with pytest.raises(VoxtralError, match=r"truncated\.mlpackage: model spec model\.mlmodel is missing or corrupt"):
         load_package(truncated)
 
     short_weights = Path(shutil.copytree(encoder["fp32"], tmp_path / "short.mlpackage"))
@@ -1082,9 +1056,7 @@ def prune(
         if then is None:
             return pruned
         joint = cto.OptimizationConfig(then(weight_threshold=0, **then_kwargs))
-        compress = (
-            cto.linear_quantize_weights if then is cto.OpLinearQuantizerConfig else cto.palettize_weights
-        )
+        compress = cto.linear_quantize_weights if then is cto.OpLinearQuantizerConfig else cto.palettize_weights
         return compress(pruned, joint, joint_compression=True)
 
     return apply
@@ -1179,11 +1151,7 @@ def with_program_weights(module: TinyEncoder, program: Program) -> TinyEncoder:
     convs = [
         module.conv1,
         module.conv2,
-        *(
-            conv
-            for layer in module.layers
-            for conv in (layer.q, layer.k, layer.v, layer.o, layer.fc1, layer.fc2)
-        ),
+        *(conv for layer in module.layers for conv in (layer.q, layer.k, layer.v, layer.o, layer.fc1, layer.fc2)),
         module.proj1,
         module.proj2,
     ]
@@ -1193,9 +1161,7 @@ def with_program_weights(module: TinyEncoder, program: Program) -> TinyEncoder:
         for op, conv in zip(conv_ops, convs, strict=True):
             weight = torch.from_numpy(op.inputs["weight"].val.astype(np.float32))
             if any(conv is q for q in queries):
-                weight = (
-                    weight / module.layers[0].head_dim ** -0.5
-                )  # conversion folds q's scaling into q's conv
+                weight = weight / module.layers[0].head_dim ** -0.5  # conversion folds q's scaling into q's conv
             assert np.corrcoef(weight.ravel(), conv.weight.ravel())[0, 1] > 0.8  # the right conv
             conv.weight.copy_(weight)
         positions = next(
@@ -1209,9 +1175,7 @@ def with_program_weights(module: TinyEncoder, program: Program) -> TinyEncoder:
     return module
 
 
-@pytest.mark.parametrize(
-    ("name", "target", "compress", "op_types"), COMPRESSIONS, ids=[c[0] for c in COMPRESSIONS]
-)
+@pytest.mark.parametrize(("name", "target", "compress", "op_types"), COMPRESSIONS, ids=[c[0] for c in COMPRESSIONS])
 def test_compressed_package(small_encoder, tmp_path: Path, name, target, compress, op_types) -> None:
     path = save(compress(small_encoder[target]), tmp_path / f"{name}.mlpackage")
     model = load_package(path)
@@ -1222,27 +1186,54 @@ def test_compressed_package(small_encoder, tmp_path: Path, name, target, compres
     # Every weight a compute op reads equals coremltools' own decompression of it, bit for bit.
     reference = coremltools_decompressed(path)
     expected = {
-        op.outputs[0].name: op.outputs[0].val
-        for op in reference.functions["main"].operations
-        if op.op_type == "const"
+        op.outputs[0].name: op.outputs[0].val for op in reference.functions["main"].operations if op.op_type == "const"
     }
     decompressed = {
         var.name
         for op in model.program.functions["main"].operations
         if not op.op_type.startswith("constexpr_")
         for var in op.inputs.values()
-        if not isinstance(var, list | tuple)
-        and var.op is not None
-        and var.op.op_type.startswith("constexpr_")
+        if not isinstance(var, list | tuple) and var.op is not None and var.op.op_type.startswith("constexpr_")
     }
     assert len(decompressed) >= 10  # the 10 conv weights (and the positions, where compressible)
     for var_name in decompressed:
-        np.testing.assert_array_equal(
-            model.constant(var_name), expected[var_name].astype(np.float32), var_name
-        )
+        np.testing.assert_array_equal(model.constant(var_name), expected[var_name].astype(np.float32), var_name)
 
     # And the model computes what torch computes with those weights, to fp16 precision.
     with torch.no_grad():
         want = with_program_weights(small_encoder["module"], reference)(small_encoder["mel"]).numpy()
     got = model.predict({"mel_spectrogram": small_encoder["mel"].numpy()})["audio_embeddings"]
     assert relative_error(got, want) < 5e-3
+
+
+# Which test checks each supported op's semantics against an independent computation. Together with
+# test_pipeline.py's walk over the demo's packages (every op there is in SUPPORTED_OPS), this keeps every op
+# that ships covered by a per-op test.
+OP_SEMANTICS_TESTS = {
+    "conv": test_conv, "matmul": test_matmul, "linear": test_linear, "einsum": test_einsum,
+    "softmax": test_softmax, "layer_norm": test_layer_norm, "batch_norm": test_batch_norm,
+    "gelu": test_gelu, "cast": test_cast_between_fp32_fp16_int32_bool, "transpose": test_transpose,
+    "reshape": test_reshape, "expand_dims": test_expand_dims_and_squeeze, "squeeze": test_expand_dims_and_squeeze,
+    "slice_by_index": test_slice_by_index, "slice_by_size": test_slice_by_size, "split": test_split,
+    "concat": test_concat, "tile": test_tile_and_gather, "gather": test_tile_and_gather, "const": test_conv,
+    **dict.fromkeys(("reduce_mean", "reduce_sum", "reduce_max", "reduce_min"), test_reductions),
+    **dict.fromkeys(("add", "sub", "mul", "real_div", "pow", "maximum", "minimum"), test_binary_broadcasting),
+    **dict.fromkeys(
+        ("sqrt", "rsqrt", "inverse", "log", "exp", "erf", "tanh", "sigmoid", "silu", "square", "abs", "relu",
+         "identity", "clip"),
+        test_unary,
+    ),
+    "constexpr_lut_to_dense": test_ios18_lut_to_dense_grouped_and_vector,
+    "constexpr_sparse_to_dense": test_ios16_sparse_to_dense,
+    "constexpr_affine_dequantize": test_ios16_affine_dequantize,
+    "constexpr_cast": test_constexpr_cast,
+    "constexpr_blockwise_shift_scale": test_ios18_blockwise_shift_scale,
+    "constexpr_sparse_blockwise_shift_scale": test_ios18_sparse_ops,
+    "constexpr_lut_to_sparse": test_ios18_sparse_ops,
+}  # fmt: skip
+
+
+def test_every_supported_op_has_a_semantics_test() -> None:
+    assert set(OP_SEMANTICS_TESTS) == SUPPORTED_OPS
+    unary_ops = {case[0] for case in UNARY_CASES}
+    assert {op for op, test in OP_SEMANTICS_TESTS.items() if test is test_unary} <= unary_ops

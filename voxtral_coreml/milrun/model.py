@@ -85,9 +85,7 @@ class MilModel:
         if len(array.shape) != len(info.shape) or any(
             want is not None and want != got for want, got in zip(info.shape, array.shape, strict=False)
         ):
-            raise VoxtralError(
-                f"{self.source}: input {info.name!r} has shape {array.shape}, expected {info.shape}"
-            )
+            raise VoxtralError(f"{self.source}: input {info.name!r} has shape {array.shape}, expected {info.shape}")
         tensor = torch.from_numpy(np.array(array))
         return tensor.float() if info.dtype == "fp16" else tensor
 

@@ -46,7 +46,5 @@ def read_package(path: str | Path) -> LoadedPackage:
     try:
         program = load_milproto(spec, spec.specificationVersion, str(weights))
     except Exception as exc:  # missing / truncated weight.bin, ops coremltools cannot rebuild, ...
-        raise VoxtralError(
-            f"{package}: cannot rebuild the MIL program ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise VoxtralError(f"{package}: cannot rebuild the MIL program ({type(exc).__name__}: {exc})") from exc
     return LoadedPackage(program, spec)

@@ -25,8 +25,16 @@ PROJECT_FILES = ("conf", "stages", "voxtral_coreml", "dvc.yaml", "params.yaml", 
 
 
 def env_with_venv() -> dict[str, str]:
-    """DVC stages call `python`: make it this interpreter."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    """DVC stages call `python`: make it this interpreter. The package comes from this checkout, not from
+    wherever the venv's editable install points (a scratch repo's own copy still wins: `python -m` puts the
+    working directory first)."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": pythonpath,
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -330,3 +330,13 @@ def test_mlx_conv_weight_in_pytorch_orientation_is_named(tmp_path: Path) -> None
     mx.save_safetensors(str(root / "model.safetensors"), tensors)
     with pytest.raises(VoxtralError, match=r"'audio_tower\.conv2\.weight' is \[64, 64, 3\]; MLX stores conv weights"):
         extract_audio_tower(root, tmp_path / "out")
+
+
+def test_quantization_config_alone_is_read_as_the_quantization(tmp_path: Path) -> None:
+    # mlx-lm writes both keys; some conversions keep only the HF-tree alias.
+    root = tmp_path / "mlx"
+    expected = write_mlx_checkpoint(root, QDIMS, DEMO_LM, quant=MLXQuant(4, 32))
+    _edit_json(root / "config.json", lambda c: c.pop("quantization"))
+    extract_audio_tower(root, tmp_path / "out")
+    expected.pop(POSITIONS_KEY)
+    assert_bit_identical(extracted_tensors(tmp_path / "out"), expected)

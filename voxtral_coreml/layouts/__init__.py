@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import VoxtralError
-from .base import Layout, SourceTensor, is_audio_tensor, is_encoder_tensor_any_layout, read_json, safe_member
+from .base import Layout, SourceTensor, is_encoder_tensor_any_layout, read_json
 from .hf import HFLayout
 from .mistral import MistralLayout
 from .mlx import MLXLayout
@@ -18,11 +18,9 @@ __all__ = [
     "LAYOUTS",
     "Layout",
     "SourceTensor",
-    "is_audio_tensor",
     "is_encoder_tensor_any_layout",
     "open_layout",
     "read_json",
-    "safe_member",
 ]
 
 # Detection order: a full clone of a Mistral repo holds both the HF and the Mistral files; either would do.

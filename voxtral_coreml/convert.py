@@ -125,7 +125,9 @@ def convert_package(
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
-    weights, dims, encoder_meta = load_extracted(extracted_dir)
+    # fp16 from the start: the package stores fp16 anyway (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 would),
+    # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight.
+    weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
     variant = variant or infer_variant(dims)
     model = build_ane_encoder(weights, dims, attention, query_chunk)
     log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)

@@ -111,13 +111,14 @@ class VoxtralEncoderANE(nn.Module):
         self.multi_modal_projector = Projector(dims)
 
     def forward(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
-        x = mel_spectrogram.unsqueeze(2)  # [B, 128, 3000] -> (B, 128, 1, 3000)
+        # [B, 128, 3000] -> (B, 128, 1, 3000), in the weights' dtype (fp16 when built for conversion)
+        x = mel_spectrogram.unsqueeze(2).to(self.conv1.weight.dtype)
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x)) + self.embed_positions
         for layer in self.layers:
             x = layer(x)
         embeddings = self.multi_modal_projector(self.layer_norm(x))  # (B, H, 1, 375)
-        return embeddings.squeeze(2).transpose(1, 2)  # [B, 375, H]: the Swift app's contract
+        return embeddings.squeeze(2).transpose(1, 2).float()  # [B, 375, H] float32: the Swift app's contract
 
 
 def projector_conv_weight(linear_1: torch.Tensor, d_model: int) -> torch.Tensor:

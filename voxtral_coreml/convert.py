@@ -80,6 +80,10 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
 
     dims = model.dims
     exported = export_encoder(model)
+    pipeline = ct.PassPipeline.DEFAULT
+    # This pass writes fp32 mean/variance constants into the batch_norm it creates, which breaks an fp16 graph
+    # (coremltools 9.0); without it the LayerNorm affine stays a mul + add.
+    pipeline.remove_passes(["common::fuse_elementwise_to_batchnorm"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
         return ct.convert(
@@ -89,6 +93,7 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, target),
+            pass_pipeline=pipeline,
             skip_model_load=True,  # loading compiles the model, which only macOS can do
         )
 

@@ -29,6 +29,11 @@ def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 
+def scalar_like(value: float, x: torch.Tensor) -> torch.Tensor:
+    """A constant in x's dtype: coremltools promotes `fp16 tensor op Python float` to fp32."""
+    return torch.full((), value, dtype=x.dtype)
+
+
 class ChannelLayerNorm(nn.Module):
     """ANE: normalize over the channel axis (dim 1) of (B, C, 1, S) in place of transposing to (B, S, C)."""
 
@@ -40,7 +45,7 @@ class ChannelLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centered = x - x.mean(dim=1, keepdim=True)
         variance = (centered * centered).mean(dim=1, keepdim=True)
-        normed = centered * torch.rsqrt(variance + LAYER_NORM_EPS)
+        normed = centered * torch.rsqrt(variance + scalar_like(LAYER_NORM_EPS, x))
         return normed * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
@@ -61,7 +66,7 @@ class SelfAttention(nn.Module):
         self.core = core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x) * self.scale  # scaled before QK, after the bias, as transformers does
+        q = self.q_proj(x) * scalar_like(self.scale, x)  # scaled before QK, after the bias, as transformers does
         return self.out_proj(self.core(q, self.k_proj(x), self.v_proj(x)))
 
 

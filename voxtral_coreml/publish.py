@@ -65,20 +65,20 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
     """Every model x recipe of params.yaml's pipeline, read from root's artifacts/ (one per variant and recipe)."""
     params = load_params(root / PARAMS_FILE)
     pipeline = lookup(params, "pipeline")
-    entries, seen = [], {}
-    for model in pipeline["models"]:
-        variant, license_id = lookup(params, f"models.{model}.variant"), lookup(params, f"models.{model}.license")
+    variants = {model: lookup(params, f"models.{model}.variant") for model in pipeline["models"]}
+    for variant in sorted(set(variants.values())):
+        if len(same := [m for m, v in variants.items() if v == variant]) > 1:
+            raise VoxtralError(
+                f"{PARAMS_FILE}: pipeline.models {same} are all variant {variant}, so they would publish the same "
+                "folders; publish them to separate repositories"
+            )
+    entries = []
+    for model, variant in variants.items():
+        license_id = lookup(params, f"models.{model}.license")
         for recipe in pipeline["recipes"]:
             folder = root / package_dir(model, recipe)
             manifest, metrics = read_json(folder / MANIFEST), read_json(root / metrics_file(model, recipe))
-            entry = Entry(model, recipe, variant, license_id, folder, manifest, metrics)
-            if entry.repo_folder in seen:
-                raise VoxtralError(
-                    f"{PARAMS_FILE}: models '{seen[entry.repo_folder]}' and '{model}' would both publish "
-                    f"{entry.repo_folder}/; publish them to separate repositories"
-                )
-            seen[entry.repo_folder] = model
-            entries.append(entry)
+            entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics))
     return entries
 
 
@@ -262,9 +262,11 @@ def upload_repository(folder: Path, repo_id: str, message: str, private: bool = 
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    if get_token() is None:
-        raise VoxtralError(f"{repo_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
-    api = HfApi()
+    from .hub import LOGIN_HINT, hub_endpoint
+
+    if get_token() is None:  # the client finds it (HF_TOKEN or the stored login); it is never passed around here
+        raise VoxtralError(f"{repo_id}: no Hugging Face token to publish with; {LOGIN_HINT}")
+    api = HfApi(endpoint=hub_endpoint())
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(

@@ -79,6 +79,8 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
             folder = root / package_dir(model, recipe)
             manifest, metrics = read_json(folder / MANIFEST), read_json(root / metrics_file(model, recipe))
             entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics))
+    if not entries:
+        raise VoxtralError(f"{PARAMS_FILE}: pipeline.models or pipeline.recipes is empty; nothing to publish")
     return entries
 
 
@@ -108,8 +110,8 @@ def source_label(source: dict) -> str:
 def card_license(entries: list[Entry]) -> str:
     licenses = sorted({e.license for e in entries})
     if len(licenses) != 1:
-        raise VoxtralError(f"{PARAMS_FILE}: the models have different licenses ({', '.join(licenses)}); "
-                           "publish them to separate repositories")  # fmt: skip
+        listed = ", ".join(licenses)
+        raise VoxtralError(f"{PARAMS_FILE}: the models have different licenses ({listed}); publish them separately")
     return licenses[0]
 
 
@@ -176,7 +178,8 @@ def _measured(entries: list[Entry]) -> list[str]:
 
 def render_card(entries: list[Entry], repo_id: str) -> str:
     first = entries[0]
-    variant, package = first.variant, first.manifest["package"]
+    package = first.manifest["package"]
+    name = package.removesuffix(".mlpackage")
     dims = first.manifest["inputs"][0]["shape"]
     return "\n".join(
         [
@@ -223,7 +226,7 @@ def render_card(entries: list[Entry], repo_id: str) -> str:
             "",
             "```bash",
             f"xcrun coremlcompiler compile {first.repo_folder}/{package} out/",
-            f"# out/VoxtralEncoder{variant}.mlmodelc",
+            f"# out/{name}.mlmodelc",
             "```",
             "",
             "```swift",
@@ -231,7 +234,7 @@ def render_card(entries: list[Entry], repo_id: str) -> str:
             "",
             "let config = MLModelConfiguration()",
             "config.computeUnits = .cpuAndNeuralEngine",
-            f'let url = Bundle.main.url(forResource: "VoxtralEncoder{variant}", withExtension: "mlmodelc")!',
+            f'let url = Bundle.main.url(forResource: "{name}", withExtension: "mlmodelc")!',
             "// or, for a downloaded package: let url = try await MLModel.compileModel(at: packageURL)",
             "let model = try MLModel(contentsOf: url, configuration: config)",
             f"let mel = try MLMultiArray(shape: {dims}, dataType: .float32)  // fill with log-mel features",

@@ -71,6 +71,13 @@ def test_the_repository_holds_each_package_with_its_manifest(assembled: Path, de
     assert len(files) == 1 + sum(len(package_files(assembled, f)) for f in PACKAGES)
 
 
+def test_an_existing_folder_is_never_replaced(entries: list[Entry], assembled: Path) -> None:
+    before = tree_digests(assembled)
+    with pytest.raises(VoxtralError, match="already exists; assemble into a new folder"):
+        assemble_repository(entries, assembled, REPO_ID)
+    assert tree_digests(assembled) == before
+
+
 def test_the_model_card(assembled: Path, entries: list[Entry]) -> None:
     card = ModelCard.load(assembled / CARD)
     assert card.data.license == "apache-2.0"

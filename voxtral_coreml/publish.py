@@ -248,7 +248,9 @@ def render_card(entries: list[Entry], repo_id: str) -> str:
 
 
 def assemble_repository(entries: list[Entry], out_dir: Path, repo_id: str) -> None:
-    """The repository's files in `out_dir`, which appears whole or not at all."""
+    """The repository's files in `out_dir`, which appears whole or not at all (and never replaces a folder)."""
+    if out_dir.exists():
+        raise VoxtralError(f"{out_dir}: already exists; assemble into a new folder")
     with atomic_path(out_dir) as staging:
         for entry in entries:
             shutil.copytree(entry.folder, staging / entry.repo_folder)

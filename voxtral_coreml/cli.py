@@ -92,6 +92,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"    {op}: {n}")
 
 
+def cmd_publish(args: argparse.Namespace) -> None:
+    from .publish import publish
+
+    if args.dry_run and args.out is None:
+        raise VoxtralError("--dry-run needs --out: the folder to assemble the repository in")
+    url = publish(args.repo, out=Path(args.out) if args.out else None, dry_run=args.dry_run, private=args.private)
+    print(url or f"assembled {args.out} (not uploaded)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voxtral-coreml", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -120,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("package")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    h = sub.add_parser("publish", help="upload the pipeline's packages to a Hugging Face model repo")
+    h.add_argument("--repo", required=True, help="org/name on the Hub (token: HF_TOKEN or `hf auth login`)")
+    h.add_argument("--out", help="assemble the repository here and keep it (default: a temporary folder)")
+    h.add_argument("--dry-run", action="store_true", help="assemble only, do not upload (needs --out)")
+    h.add_argument("--private", action="store_true", help="create the repo as private if it does not exist")
+    h.set_defaults(func=cmd_publish)
     return p
 
 

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path, write_json_atomic
+from .canonical import canonicalize_package
 from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
@@ -142,6 +143,7 @@ def convert_package(
     mlmodel.version = __version__
     with atomic_path(package) as staging:
         mlmodel.save(str(staging))
+        canonicalize_package(staging)  # the same model and recipe give the same bytes
     ios, macos = TARGETS[recipe.min_target]
     manifest = {
         "package": package.name,

@@ -7,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test params lint publish clean-artifacts
+.PHONY: install demo test params lint publish bench clean-artifacts
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "== installing pinned dependencies into $(VENV)"
@@ -42,3 +42,7 @@ lint: $(STAMP)
 
 clean-artifacts:
 	rm -rf artifacts/checkpoints artifacts/extracted artifacts/reference artifacts/packages artifacts/metrics artifacts/report.md
+
+# Full-dimension benchmarks (about 15 minutes): artifacts/bench/summary.json and summary.md.
+bench: $(STAMP)
+	$(RUN) $(BIN)/python -m benchmarks.run

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from hub_server import HubServer
 from huggingface_hub import constants
 
@@ -74,7 +73,7 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     """A running local Hub, the client pointed at it, and an HF home/cache/token store under tmp_path."""
     home = tmp_path / "hf_home"
     monkeypatch.setenv("HF_HOME", str(home))
@@ -135,26 +134,3 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run([DVC, "repro"], repo)
     commit_all(repo, "dvc repro")  # as a user would, so that clones carry dvc.lock
     return repo
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    """A running local Hub, the client pointed at it, and an HF home/cache/token store under tmp_path."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    # The client fixes these paths at import: point them at tmp_path too, so neither the user's cache nor
-    # their stored login can be touched (fetch_tensors itself reads HF_HUB_CACHE/HF_HOME at call time).
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        yield server
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()

@@ -90,11 +90,12 @@ def test_the_model_card(assembled: Path, entries: list[Entry]) -> None:
         shape = ",".join(str(d) for d in entry.manifest["outputs"][0]["shape"])
         row = f"| `{entry.repo_folder}/` | {entry.model} | [{shape}] |"
         assert row in text
-        measured = f"| {m['psnr_db']} | {m['cosine_min']} | {m['max_abs_err']} | torch |"
+        measured = f"| {m['psnr_db']} | {m['cosine_min']} | {m['max_abs_err']} | mil |"
         assert f"| iOS 16.0 / macOS 13.0 (iOS16) {measured}" in text
         assert f"- `{entry.repo_folder}/`: synthetic random weights (seed {entry.manifest['source']['seed']})" in text
     assert "Synthetic weights are not Voxtral's" in text
-    assert "`torch`: the ANE-layout PyTorch module (fp32)" in text and "not the converted package's" in text
+    assert "`mil`: this project's MIL runtime on Linux: the package's own program" in text
+    assert "(not Core ML itself)" in text
     assert "Not measured: the packages running on an Apple device" in text and "latency" in text
     assert f'snapshot_download("{REPO_ID}", allow_patterns=["Mini/fp16/*"])' in text
     assert "xcrun coremlcompiler compile Mini/fp16/VoxtralEncoderMini.mlpackage out/" in text

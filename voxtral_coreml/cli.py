@@ -74,22 +74,28 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .package_info import package_structure
+    from .package_info import ane_report, package_structure
     from .validate import find_package
 
     package, manifest = find_package(Path(args.package))
-    info = {"package": str(package), "manifest": manifest, "structure": package_structure(package)}
+    structure = package_structure(package)
+    info = {"package": str(package), "manifest": manifest, "structure": structure, "ane": ane_report(package)}
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
-    s = info["structure"]
+    ane = info["ane"]
     print(f"{package}")
-    for io in s["inputs"] + s["outputs"]:
+    for io in structure["inputs"] + structure["outputs"]:
         print(f"  {io['name']}: {io['dtype']} {io['shape']}")
-    print(f"  target: {manifest['deployment_target']}  recipe: {manifest['recipe']['name']}")
-    print(f"  size: {manifest['size_bytes'] / 1e6:.1f} MB  ops: {sum(s['ops'].values())}")
-    for op, n in s["ops"].items():
-        print(f"    {op}: {n}")
+    target = manifest["deployment_target"]
+    print(f"  deployment target: {target['coreml']} (iOS {target['ios']}, macOS {target['macos']})")
+    print(f"  recipe: {manifest['recipe']['name']}  size: {manifest['size_bytes'] / 1e6:.1f} MB")
+    print(f"  weights: {ane['weight_bytes'] / 1e6:.1f} MB  compute: {ane['gflops_per_window']} GFLOP per window")
+    print(f"  ops: {ane['ops_total']} ({', '.join(f'{op} {n}' for op, n in ane['ops'].items())})")
+    outside = ane["layout_ops_outside_attention"]
+    print(f"  layout ops outside attention: {sum(outside.values())} {outside or ''}".rstrip())
+    print(f"  ops computing in fp32: {sum(ane['fp32_ops'].values())} {ane['fp32_ops'] or ''}".rstrip())
+    print(f"  ops with rank > 4 tensors: {ane['ops_with_rank_over_4']}")
 
 
 def cmd_publish(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
 from .model import VoxtralEncoderANE, build_ane_encoder
-from .package_info import package_structure
+from .package_info import ane_report
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def convert_package(
         "weights_sha256": encoder_meta["weights_sha256"],
         "source": encoder_meta.get("source", {}),
         "size_bytes": tree_size(package),
-        "ops": package_structure(package)["ops"],
+        "ane": ane_report(package),
         "versions": versions(),
     }
     write_json_atomic(package.parent / MANIFEST, manifest)

@@ -4,7 +4,7 @@ import argparse
 
 from voxtral_coreml.atomic import write_json_atomic
 from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import metrics_file, package_dir, reference_file
+from voxtral_coreml.paths import metrics_file, package_dir, reference_file, timings_file
 from voxtral_coreml.runner import run
 from voxtral_coreml.validate import load_reference, validate_package
 
@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("recipe")
     args = parser.parse_args()
     params = load_params()
-    metrics = validate_package(
+    metrics, timings = validate_package(
         package_dir(args.model, args.recipe),
         load_reference(reference_file(args.model)),
         float(lookup(params, f"recipes.{args.recipe}.psnr_gate_db")),
@@ -23,6 +23,7 @@ def main() -> None:
     )
     print(f"{args.model}/{args.recipe}: PSNR {metrics['psnr_db']} dB vs transformers ({metrics['backend']})")
     write_json_atomic(metrics_file(args.model, args.recipe), {"model": args.model, "recipe": args.recipe, **metrics})
+    write_json_atomic(timings_file(args.model, args.recipe), timings)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def _copy(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def test_intact_package_passes_through_the_mil_runtime(package_and_reference) -> None:
     folder, reference = package_and_reference
-    metrics = validate_package(folder, reference, FP16.psnr_gate_db, backend="mil")
+    metrics, timings = validate_package(folder, reference, FP16.psnr_gate_db, backend="mil")
+    assert set(timings) == {"load_s", "predict_s"} and not set(timings) & set(metrics)
     assert metrics["backend"] == "mil"
     assert metrics["psnr_db"] >= FP16.psnr_gate_db
     assert metrics["output_shape"] == [1, DEMO_DIMS.n_embeddings, DEMO_DIMS.hidden_size]

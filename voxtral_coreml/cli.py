@@ -62,8 +62,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix=".voxtral-") as tmp:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
         reference, parity = compute_reference(extracted, args.audio, manifest.get("attention", "split_heads"), 256)
-        metrics = validate_package(package, reference, gate, backend=args.backend)
+        metrics, timings = validate_package(package, reference, gate, backend=args.backend)
     metrics["ane_module_vs_transformers"] = parity
+    metrics["timings"] = timings
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     else:

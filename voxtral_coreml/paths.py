@@ -31,5 +31,10 @@ def metrics_file(model: str, recipe: str) -> Path:
     return ARTIFACTS / "metrics" / model / f"{recipe}.json"
 
 
+def timings_file(model: str, recipe: str) -> Path:
+    """Not a DVC output: timings vary from run to run, and dvc.lock must not."""
+    return ARTIFACTS / "timings" / model / f"{recipe}.json"
+
+
 def report_file() -> Path:
     return ARTIFACTS / "report.md"

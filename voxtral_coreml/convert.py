@@ -10,14 +10,16 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
 from .atomic import atomic_path, write_json_atomic
+from .compress import required_target, validate_params
 from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
@@ -34,25 +36,37 @@ TARGETS = {"iOS16": ("16.0", "13.0"), "iOS17": ("17.0", "14.0"), "iOS18": ("18.0
 VARIANT_BY_HIDDEN_SIZE = {3072: "Mini", 5120: "Small"}
 
 
+COMMON_RECIPE_KEYS = ("kind", "min_target", "psnr_gate_db")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A compression recipe as configured in conf/recipe/ (fp16 needs nothing but the target)."""
+    """A compression recipe as configured in conf/recipe/: the keys every recipe has, and its kind's parameters
+    (compress.py's KIND_PARAMS says which; fp16 has none)."""
 
     name: str
     kind: str
     min_target: str
     psnr_gate_db: float
+    params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, name: str, cfg: dict) -> Recipe:
         try:
-            recipe = cls(name, str(cfg["kind"]), str(cfg["min_target"]), float(cfg["psnr_gate_db"]))
+            kind, min_target, gate = (cfg[k] for k in COMMON_RECIPE_KEYS)
         except KeyError as e:
             raise VoxtralError(f"recipe '{name}': missing key {e}") from None
+        params = {k: v for k, v in cfg.items() if k not in COMMON_RECIPE_KEYS}
+        recipe = cls(name, str(kind), str(min_target), float(gate), params)
         if recipe.min_target not in TARGETS:
             raise VoxtralError(f"recipe '{name}': unknown min_target {recipe.min_target!r}")
-        if recipe.kind != "fp16":
-            raise VoxtralError(f"recipe '{name}': unsupported kind {recipe.kind!r}")
+        validate_params(name, recipe.kind, params)
+        needed, feature = required_target(params)
+        if list(TARGETS).index(recipe.min_target) < list(TARGETS).index(needed):
+            raise VoxtralError(
+                f"recipe '{name}': {feature} needs min_target {needed} (macOS {TARGETS[needed][1]}) "
+                f"or later, got {recipe.min_target}"
+            )
         return recipe
 
 

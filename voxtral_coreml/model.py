@@ -111,11 +111,18 @@ class VoxtralEncoderANE(nn.Module):
         self.multi_modal_projector = Projector(dims)
 
     def forward(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
-        x = mel_spectrogram.unsqueeze(2)  # [B, 128, 3000] -> (B, 128, 1, 3000)
-        x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x)) + self.embed_positions
+        x = self.stem(mel_spectrogram)
         for layer in self.layers:
             x = layer(x)
+        return self.head(x)
+
+    # stem and head are methods so that a caller can run the encoder from any layer on (sensitivity.py).
+    def stem(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
+        x = mel_spectrogram.unsqueeze(2)  # [B, 128, 3000] -> (B, 128, 1, 3000)
+        x = F.gelu(self.conv1(x))
+        return F.gelu(self.conv2(x)) + self.embed_positions
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         embeddings = self.multi_modal_projector(self.layer_norm(x))  # (B, H, 1, 375)
         return embeddings.squeeze(2).transpose(1, 2)  # [B, 375, H]: the Swift app's contract
 

@@ -28,6 +28,7 @@ from voxtral_coreml.sensitivity import (
     calibration_encoder,
     choose_bits,
     predicted_psnr_db,
+    program_bits,
     scan_sensitivity,
 )
 
@@ -70,11 +71,9 @@ def sensitivity(extracted: Path) -> dict:
 
 def compress(name: str, programs: dict, demo_model: torch.nn.Module, sensitivity: dict):
     r = recipe(name)
-    bits = None
-    if r.kind == "mixed":
-        names = weight_op_names(programs[r.min_target], demo_model, r.params["weight_threshold"])
-        bits = {names[op]: b for op, b in sensitivity["bits"].items()}
-    return compress_mlmodel(programs[r.min_target], r, bits)
+    program = programs[r.min_target]
+    bits = program_bits(sensitivity, r, program, demo_model) if r.kind == "mixed" else None
+    return compress_mlmodel(program, r, bits)
 
 
 def saved(mlmodel, path: Path) -> Path:
@@ -165,15 +164,17 @@ def test_mixed_needs_bits_for_every_weight(programs: dict, demo_model: torch.nn.
     r = recipe("mixed")
     with pytest.raises(VoxtralError, match="needs per-op bits from the sensitivity scan"):
         compress_mlmodel(programs["iOS16"], r)
-    names = weight_op_names(programs["iOS16"], demo_model, 2048)
-    bits = {names[op]: b for op, b in sensitivity["bits"].items()}
-    fc1 = names["layers.1.fc1"]
+    bits = program_bits(sensitivity, r, programs["iOS16"], demo_model)
+    fc1 = weight_op_names(programs["iOS16"], demo_model, 2048)["layers.1.fc1"]
     with pytest.raises(VoxtralError, match=rf"no bits for weight '{fc1}'"):
         compress_mlmodel(programs["iOS16"], r, {k: v for k, v in bits.items() if k != fc1})
     with pytest.raises(VoxtralError, match=rf"5 bits for '{fc1}' is not in candidate_bits"):
         compress_mlmodel(programs["iOS16"], r, {**bits, fc1: 5})
     with pytest.raises(VoxtralError, match="'conv_9' is not a compressible weight"):
         compress_mlmodel(programs["iOS16"], r, {**bits, "conv_9": 4})
+    stale = recipe("mixed", candidate_bits=[4, 8])
+    with pytest.raises(VoxtralError, match=r"candidate_bits is \[4, 8\], the sensitivity scan used \[4, 6, 8\]"):
+        program_bits(sensitivity, stale, programs["iOS16"], demo_model)
 
 
 @pytest.mark.parametrize("name", ["pal4", "pal4g", "mixed"])

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .compress import average_bits, compressible_weights, palettized
+from .compress import average_bits, compressible_weights, palettized, weight_op_names
 from .convert import Recipe
 from .dims import POSITIONS_KEY
 from .errors import VoxtralError
@@ -102,6 +102,14 @@ def _lookahead(pool: Executor | None, tasks: Iterable, depth: int) -> Iterator[d
         yield pending.popleft().result()
 
 
+def scan_settings(recipe: Recipe) -> dict:
+    """What a scan's table depends on in a mixed recipe (target_bits changes only the choice)."""
+    return {
+        "candidate_bits": sorted(set(recipe.params["candidate_bits"])),
+        "weight_threshold": recipe.params["weight_threshold"],
+    }
+
+
 def scan_sensitivity(
     extracted_dir: str | os.PathLike[str],
     recipe: Recipe,
@@ -115,10 +123,11 @@ def scan_sensitivity(
     if recipe.kind != "mixed":
         raise VoxtralError(f"recipe '{recipe.name}': the sensitivity scan is for mixed recipes, not {recipe.kind}")
     started = time.monotonic()
-    candidates = tuple(sorted(set(recipe.params["candidate_bits"])))
+    settings = scan_settings(recipe)
+    candidates = tuple(settings["candidate_bits"])
     model, mel = calibration_encoder(extracted_dir, frames, audio)
     stages = _stages(model)
-    weights = compressible_weights(model, recipe.params["weight_threshold"])
+    weights = compressible_weights(model, settings["weight_threshold"])
     with torch.no_grad():
         inputs = [mel]
         for stage in stages:
@@ -150,8 +159,7 @@ def scan_sensitivity(
     )
     table = {
         "recipe": recipe.name,
-        "candidate_bits": list(candidates),
-        "weight_threshold": recipe.params["weight_threshold"],
+        **settings,
         "frames": frames,
         "reference": "the same module with fp16 weights, fp32 compute",
         "ops": ops,
@@ -165,6 +173,17 @@ def scan_sensitivity(
         "average_bits": round(average_bits(bits, {op: ops[op]["params"] for op in ops}), 4),
         "predicted_psnr_db": round(predicted_psnr_db(table, bits), 4),
     }
+
+
+def program_bits(sensitivity: dict, recipe: Recipe, mlmodel, model: torch.nn.Module) -> dict[str, int]:
+    """`choose_bits` for the recipe's target_bits, keyed by the Core ML const op names `compress_mlmodel` takes
+    (`model` is the module `mlmodel` was converted from)."""
+    for key, wanted in scan_settings(recipe).items():
+        if sensitivity[key] != wanted:  # a stale scan: its table does not describe this recipe's choices
+            scanned = sensitivity[key]
+            raise VoxtralError(f"recipe '{recipe.name}': {key} is {wanted}, the sensitivity scan used {scanned}")
+    names = weight_op_names(mlmodel, model, recipe.params["weight_threshold"])
+    return {names[op]: bits for op, bits in choose_bits(sensitivity, recipe.params["target_bits"]).items()}
 
 
 def _noise(psnr: float) -> float:

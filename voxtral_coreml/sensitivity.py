@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -65,6 +65,16 @@ def _stage_of(op: str, n_layers: int) -> int:
     if op.startswith("layers."):
         return int(op.split(".")[1]) + 1
     return 0 if op in ("conv1", "conv2") else n_layers + 1
+
+
+def _cached_inputs(
+    stages: list[Callable[[torch.Tensor], torch.Tensor]], mel: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each stage's input, and the output: one pass, after which a perturbed op needs only its own stage on."""
+    inputs = [mel]
+    for stage in stages:
+        inputs.append(stage(inputs[-1]))
+    return inputs[:-1], inputs[-1]
 
 
 def _run_from(stages: list[Callable[[torch.Tensor], torch.Tensor]], start: int, x: torch.Tensor) -> torch.Tensor:
@@ -128,26 +138,19 @@ def scan_sensitivity(
     model, mel = calibration_encoder(extracted_dir, frames, audio)
     stages = _stages(model)
     weights = compressible_weights(model, settings["weight_threshold"])
-    with torch.no_grad():
-        inputs = [mel]
-        for stage in stages:
-            inputs.append(stage(inputs[-1]))
-        reference = inputs.pop()
-        ops: dict[str, dict] = {}
-        tasks = ((w.detach(), candidates) for w in weights.values())
-        pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn")) if jobs > 1 else None
-        try:
-            for (op, weight), variants in zip(weights.items(), _lookahead(pool, tasks, jobs), strict=True):
-                stage = _stage_of(op, model.dims.n_layers)
-                psnr = {}
-                for bits, value in variants.items():
-                    with _swapped(weight, value):
-                        psnr[str(bits)] = round(psnr_db(reference, _run_from(stages, stage, inputs[stage])), 4)
-                ops[op] = {"params": weight.numel(), "stage": stage, "psnr_db": psnr}
-                log.debug("%s: %s", op, psnr)
-        finally:
-            if pool is not None:
-                pool.shutdown()
+    ops: dict[str, dict] = {}
+    tasks = ((w.detach(), candidates) for w in weights.values())
+    spawn = multiprocessing.get_context("spawn")  # fork would copy torch's and OpenMP's thread state
+    with torch.no_grad(), ProcessPoolExecutor(jobs, spawn) if jobs > 1 else nullcontext() as pool:
+        inputs, reference = _cached_inputs(stages, mel)
+        for (op, weight), variants in zip(weights.items(), _lookahead(pool, tasks, jobs), strict=True):
+            stage = _stage_of(op, model.dims.n_layers)
+            psnr = {}
+            for bits, value in variants.items():
+                with _swapped(weight, value):
+                    psnr[str(bits)] = round(psnr_db(reference, _run_from(stages, stage, inputs[stage])), 4)
+            ops[op] = {"params": weight.numel(), "stage": stage, "psnr_db": psnr}
+            log.info("sensitivity %d/%d %s: %s dB", len(ops), len(weights), op, psnr)
     runs = sum(len(stages) - op["stage"] for op in ops.values()) * len(candidates)
     log.info(
         "sensitivity: %d ops x %d bit widths, %d stage runs on %d frames in %.1f s",

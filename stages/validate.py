@@ -4,7 +4,7 @@ import argparse
 
 from voxtral_coreml.atomic import write_json_atomic
 from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import extracted_dir, metrics_file, package_dir, reference_file
+from voxtral_coreml.paths import metrics_file, package_dir, reference_file
 from voxtral_coreml.runner import run
 from voxtral_coreml.validate import load_reference, validate_package
 
@@ -20,7 +20,6 @@ def main() -> None:
         load_reference(reference_file(args.model)),
         float(lookup(params, f"recipes.{args.recipe}.psnr_gate_db")),
         backend=lookup(params, "validation.backend"),
-        extracted_dir=extracted_dir(args.model),
     )
     print(f"{args.model}/{args.recipe}: PSNR {metrics['psnr_db']} dB vs transformers ({metrics['backend']})")
     write_json_atomic(metrics_file(args.model, args.recipe), {"model": args.model, "recipe": args.recipe, **metrics})

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import HubServer
+from huggingface_hub import constants
 
 from voxtral_coreml.dims import EncoderDims
 from voxtral_coreml.extract import extract_audio_tower
@@ -25,8 +27,16 @@ PROJECT_FILES = ("conf", "stages", "voxtral_coreml", "dvc.yaml", "params.yaml", 
 
 
 def env_with_venv() -> dict[str, str]:
-    """DVC stages call `python`: make it this interpreter."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    """DVC stages call `python`: make it this interpreter. The package comes from this checkout, not from
+    wherever the venv's editable install points (a scratch repo's own copy still wins: `python -m` puts the
+    working directory first)."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": pythonpath,
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -57,6 +67,26 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "extracted"
     extract_audio_tower(write_checkpoint(root / "checkpoint"), out)
     return out
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A running local Hub, the client pointed at it, and an HF home/cache/token store under tmp_path."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    # The client fixes these paths at import: point them at tmp_path too, so neither the user's cache nor
+    # their stored login can be touched (fetch_tensors itself reads HF_HUB_CACHE/HF_HOME at call time).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    # Environment variables reach subprocesses (dvc stages) as well.
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        yield server
 
 
 def copy_project(dest: Path) -> Path:

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from layout_writers import MLXQuant, write_mlx_checkpoint
 
-from conftest import cli
+from conftest import DEMO_DIMS, DEMO_LM, cli
+from voxtral_coreml.extract import extract_audio_tower
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,18 @@ def test_inspect_describes_the_package(converted: tuple[Path, Path]) -> None:
     info = json.loads(cli("inspect", str(package), "--json").stdout)
     assert info["structure"]["outputs"][0] == {"name": "audio_embeddings", "shape": [1, 375, 96], "dtype": "float32"}
     assert info["structure"]["ops"]["einsum"] > 0
+
+
+def test_convert_takes_an_mlx_checkpoint(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "mlx-8bit"
+    write_mlx_checkpoint(checkpoint, DEMO_DIMS, DEMO_LM, quant=MLXQuant(bits=8, group_size=32))
+    package = tmp_path / "out" / "VoxtralEncoderMini.mlpackage"
+    result = cli("convert", "--checkpoint", str(checkpoint), "--variant", "Mini", "--out", str(package))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((package.parent / "manifest.json").read_text())
+    assert manifest["outputs"][0]["shape"] == [1, 375, DEMO_DIMS.hidden_size]
+    # The package holds the dequantized weights: the same ones extraction reads from the MLX checkpoint.
+    assert manifest["weights_sha256"] == extract_audio_tower(checkpoint, tmp_path / "extracted")["weights_sha256"]
 
 
 def test_variant_is_inferred_only_from_known_widths(tmp_path: Path, converted: tuple[Path, Path]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import voxtral_coreml.layouts as layouts
+import voxtral_coreml.layouts.base as layout_base
 from conftest import DEMO_DIMS, write_checkpoint
 from voxtral_coreml.dims import ENCODER_JSON, POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
 from voxtral_coreml.errors import VoxtralError
@@ -35,8 +35,8 @@ def test_extracts_canonical_tensors_bit_exact_and_reads_no_language_model(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     read_names: list[str] = []
-    real_read = layouts.read_tensor
-    monkeypatch.setattr(layouts, "read_tensor", lambda p, info: read_names.append(info.name) or real_read(p, info))
+    real_read = layout_base.read_tensor
+    monkeypatch.setattr(layout_base, "read_tensor", lambda p, info: read_names.append(info.name) or real_read(p, info))
     summary = extract_audio_tower(checkpoint, tmp_path / "out")
 
     assert read_names and all(n.startswith(("audio_tower.", "multi_modal_projector.")) for n in read_names)

@@ -100,25 +100,6 @@ def cdn_data(server: HubServer, filename: str) -> list[Hit]:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A running local Hub, the client pointed at it, and an HF home/cache/token store under tmp_path."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    # The client fixes these paths at import: point them at tmp_path too, so neither the user's cache nor
-    # their stored login can be touched (fetch_tensors itself reads HF_HUB_CACHE/HF_HOME at call time).
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        yield server
-
-
-@pytest.fixture
 def tensors() -> dict[str, torch.Tensor]:
     return voxtral_like()
 

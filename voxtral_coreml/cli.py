@@ -62,7 +62,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix=".voxtral-") as tmp:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
         reference, parity = compute_reference(extracted, args.audio, manifest.get("attention", "split_heads"), 256)
-        metrics = validate_package(package, reference, gate, backend=args.backend, extracted_dir=extracted)
+        metrics = validate_package(package, reference, gate, backend=args.backend)
     metrics["ane_module_vs_transformers"] = parity
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("package", help="the .mlpackage (manifest.json beside it)")
     v.add_argument("--checkpoint", required=True, help="the checkpoint it was converted from")
     v.add_argument("--audio", help="wav/flac to validate on (default: built-in speech)")
-    v.add_argument("--backend", default="auto", help="auto | mil | coreml | torch")
+    v.add_argument("--backend", default="auto", help="auto (Core ML on macOS, else mil) | mil | coreml")
     v.add_argument("--gate", type=float, help="PSNR gate in dB (default: the recipe's)")
     v.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")

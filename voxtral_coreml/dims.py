@@ -16,6 +16,8 @@ from .errors import VoxtralError
 MEL_BINS = 128
 MEL_FRAMES = 3000  # 30 s at a 10 ms hop: the only input length Voxtral accepts
 FRAMES_PER_EMBEDDING = 4  # the projector stacks 4 encoder frames into one embedding
+CONV_KERNEL = 3  # both convolutions; canonical (PyTorch) conv weights are [out, in, kernel]
+CONV_WEIGHTS = ("audio_tower.conv1.weight", "audio_tower.conv2.weight")
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,11 @@ def layer_tensor_shapes(dims: EncoderDims, i: int) -> dict[str, tuple[int, ...]]
 def canonical_tensor_shapes(dims: EncoderDims) -> dict[str, tuple[int, ...]]:
     """HF names (the canonical ones) -> shapes, for the audio tower and projector, positions excluded."""
     d = dims.d_model
+    conv1, conv2 = CONV_WEIGHTS
     shapes: dict[str, tuple[int, ...]] = {
-        "audio_tower.conv1.weight": (d, dims.n_mels, 3),
+        conv1: (d, dims.n_mels, CONV_KERNEL),
         "audio_tower.conv1.bias": (d,),
-        "audio_tower.conv2.weight": (d, d, 3),
+        conv2: (d, d, CONV_KERNEL),
         "audio_tower.conv2.bias": (d,),
     }
     for i in range(dims.n_layers):

@@ -16,34 +16,41 @@ import torch
 from .atomic import atomic_path, write_json_atomic
 from .dims import ENCODER_JSON, POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
 from .errors import VoxtralError
-from .layouts import SourceTensor, open_layout, read_json
+from .layouts import Layout, SourceTensor, open_layout, read_json
 from .model import whisper_sinusoids
-from .safetensors_io import TensorSpec, read_header, read_tensor, write_safetensors
+from .safetensors_io import FLOAT_DTYPES, TensorSpec, read_header, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SINUSOID_TOLERANCE = 1e-2  # bf16 storage rounds values in [-1, 1] by at most 2^-9
 
 
-def _check_against_dims(found: dict[str, SourceTensor], dims: EncoderDims, root: Path) -> list[str]:
+def _label(layout: Layout, name: str) -> str:
+    stored = layout.source_name(name)
+    return f"'{stored}'" if stored == name else f"'{stored}' ({name})"
+
+
+def _check_against_dims(found: dict[str, SourceTensor], dims: EncoderDims, layout: Layout) -> list[str]:
     """Names in canonical order; every mismatch is named before any data is read."""
     expected = canonical_tensor_shapes(dims)
     missing = [n for n in expected if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise VoxtralError(f"{root}: tensor '{missing[0]}' is missing{more}")
+        raise VoxtralError(f"{layout.root}: tensor {_label(layout, missing[0])} is missing{more}")
     extra = sorted(set(found) - set(expected) - {POSITIONS_KEY})
     if extra:
-        raise VoxtralError(f"{root}: unexpected audio tensor '{extra[0]}' for a {dims.n_layers}-layer encoder")
+        raise VoxtralError(
+            f"{layout.root}: unexpected audio tensor {_label(layout, extra[0])} for a {dims.n_layers}-layer encoder"
+        )
     for name, shape in expected.items():
         src = found[name]
         if src.shape != shape:
+            implied = list(shape)
             raise VoxtralError(
-                f"{src.file}: tensor '{name}' has shape {list(src.shape)}, the config implies {list(shape)}"
+                f"{src.file}: tensor {_label(layout, name)} has shape {list(src.shape)}, the config implies {implied}"
             )
-        if src.info.torch_dtype not in FLOAT_DTYPES:
-            raise VoxtralError(f"{src.file}: tensor '{name}' has dtype {src.info.dtype}, expected a float")
+        if src.dtype not in FLOAT_DTYPES:
+            raise VoxtralError(f"{src.file}: tensor {_label(layout, name)} has dtype {src.dtype}, expected a float")
     return list(expected)
 
 
@@ -77,18 +84,19 @@ def extract_audio_tower(
     source_layout = open_layout(root, layout)
     dims = source_layout.dims()
     found = source_layout.tensors()
-    names = _check_against_dims(found, dims, root)
+    names = _check_against_dims(found, dims, source_layout)
     positions = found.get(POSITIONS_KEY)
     if positions is not None and not _positions_are_sinusoids(positions, dims):
         log.warning("%s: stored positions are not Whisper sinusoids; keeping them", positions.file)
         names.append(POSITIONS_KEY)
-    specs = [TensorSpec(n, found[n].info.torch_dtype, found[n].shape) for n in names]
+    specs = [TensorSpec(n, found[n].dtype, found[n].shape) for n in names]
     digest = hashlib.sha256()
 
     def produce(spec: TensorSpec) -> torch.Tensor:
-        tensor = found[spec.name].load()
+        src = found[spec.name]
+        tensor = src.load()
         if not torch.isfinite(tensor).all():
-            raise VoxtralError(f"{found[spec.name].file}: tensor '{spec.name}' contains NaN or Inf")
+            raise VoxtralError(f"{src.file}: tensor {_label(source_layout, spec.name)} contains NaN or Inf")
         update_weights_hash(digest, spec.name, tensor)
         return tensor
 

@@ -150,9 +150,7 @@ def _resolve(repo_id: str, revision: str, retry: RetryPolicy) -> _Repo:
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint)
     with _hub_errors(repo_id, revision, endpoint):
-        info = with_retries(
-            lambda: api.model_info(repo_id, revision=revision, timeout=retry.timeout), retry, repo_id
-        )
+        info = with_retries(lambda: api.model_info(repo_id, revision=revision, timeout=retry.timeout), retry, repo_id)
     if not info.sha or not COMMIT_HASH.fullmatch(info.sha):
         raise VoxtralError(f"{repo_id}: the Hub at {endpoint} answered no commit for revision {revision!r}")
     if not COMMIT_HASH.fullmatch(revision):
@@ -178,9 +176,7 @@ def _hub_errors(repo_id: str, revision: str, endpoint: str, filename: str | None
             raise VoxtralError(
                 f"{repo_id} is a gated repo and your token has no access: request it at {endpoint}/{repo_id}"
             ) from e
-        raise VoxtralError(
-            f"{repo_id} is a gated repo: accept its terms on the Hub, then {LOGIN_HINT}"
-        ) from e
+        raise VoxtralError(f"{repo_id} is a gated repo: accept its terms on the Hub, then {LOGIN_HINT}") from e
     except RepositoryNotFoundError as e:
         raise VoxtralError(f"repo {repo_id} not found at {endpoint} (if private, {LOGIN_HINT})") from e
     except RevisionNotFoundError as e:
@@ -307,9 +303,7 @@ def _part_path(download_dir: Path, shard: str, rng: ByteRange) -> Path:
     return download_dir / f"{quote(shard, safe='')}.{rng.begin}-{rng.end}.part"
 
 
-def _download_ranges(
-    repo: _Repo, shards: list[_Shard], download_dir: Path, retry: RetryPolicy, progress: bool
-) -> int:
+def _download_ranges(repo: _Repo, shards: list[_Shard], download_dir: Path, retry: RetryPolicy, progress: bool) -> int:
     """Download every range not read from the cache into its part file; return the bytes received."""
     jobs = [(shard, rng) for shard in shards if shard.local is None for rng in shard.ranges]
     if not jobs:

@@ -14,6 +14,8 @@ def psnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     ref, cand = reference.double().reshape(-1), candidate.double().reshape(-1)
     rmse = (ref - cand).pow(2).mean().sqrt().item()
     peak = ref.abs().max().item()
+    if not math.isfinite(rmse):  # NaN or Inf in either: as far from the reference as it gets
+        return -PSNR_CAP_DB
     return PSNR_CAP_DB if rmse == 0 else min(PSNR_CAP_DB, 20 * math.log10(peak / rmse))
 
 

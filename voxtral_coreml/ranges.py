@@ -137,9 +137,7 @@ def _stream_once(
     # identity: a compressed answer would make byte counts meaningless (and CDNs may then ignore Range).
     request_headers = {**headers, "Range": f"bytes={rng.begin}-{rng.end - 1}", "Accept-Encoding": "identity"}
     session = get_session()
-    with session.stream(
-        "GET", url, headers=request_headers, timeout=timeout, follow_redirects=True
-    ) as response:
+    with session.stream("GET", url, headers=request_headers, timeout=timeout, follow_redirects=True) as response:
         if response.status_code in RETRY_STATUS:
             raise _Retryable(f"HTTP {response.status_code}")
         hf_raise_for_status(response)

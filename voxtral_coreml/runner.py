@@ -11,6 +11,13 @@ from typing import NoReturn
 from .errors import VoxtralError
 
 EXIT_USER_ERROR = 2
+# coremltools warns on import about versions it has not tested; the pins in requirements.lock are tested here.
+KNOWN_VERSION_WARNINGS = ("has not been tested with coremltools", "scikit-learn version", "libcoremlpython")
+
+
+class _DropKnownVersionWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in KNOWN_VERSION_WARNINGS)
 
 
 def configure_logging(debug: bool = False) -> None:
@@ -22,6 +29,7 @@ def configure_logging(debug: bool = False) -> None:
     for noisy in ("coremltools", "httpx", "urllib3", "filelock", "torch"):
         # Their INFO lines are per op or per request; progress bars already show progress.
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("coremltools").addFilter(_DropKnownVersionWarnings())
 
 
 def run(main: Callable[[], object], debug: bool | None = None) -> NoReturn:

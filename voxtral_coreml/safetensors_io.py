@@ -35,6 +35,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 TORCH_TO_NAME = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what weights may be stored (and extracted) as
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
+from .backends import resolve_backend, run_package
 from .convert import MANIFEST, TARGETS, io_contract
 from .dims import EncoderDims
 from .errors import VoxtralError
@@ -28,7 +28,6 @@ from .safetensors_io import TensorSpec, read_header, read_tensor, write_safetens
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.safetensors"
-BACKENDS = ("auto", "mil", "coreml", "torch")
 
 
 def compute_reference(
@@ -81,32 +80,11 @@ def check_structure(package: Path, manifest: dict, structure: dict) -> None:
         )
 
 
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise VoxtralError(f"validation.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "coreml" if sys.platform == "darwin" else "torch"
-    return backend
-
-
-def run_backend(backend: str, package: Path, mel: torch.Tensor, extracted_dir: Path | None, manifest: dict):
-    if backend == "torch":
-        # The module that was fed to the converter, not the package: catches model bugs, not conversion bugs.
-        if extracted_dir is None:
-            raise VoxtralError("the torch backend needs the extracted weights")
-        weights, dims, _ = load_extracted(extracted_dir)
-        model = build_ane_encoder(weights, dims, str(manifest.get("attention", "split_heads")))
-        with torch.inference_mode():
-            return model(mel), {}
-    raise VoxtralError(f"backend {backend!r} is not available on {sys.platform}")
-
-
 def validate_package(
     package_dir: str | os.PathLike[str],
     reference: dict[str, torch.Tensor],
     gate_db: float,
     backend: str = "auto",
-    extracted_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, object]:
     """Metrics of one package; raises VoxtralError when it breaks the contract or falls below the gate."""
     package, manifest = find_package(Path(package_dir))
@@ -114,10 +92,11 @@ def validate_package(
     check_structure(package, manifest, structure)
     backend = resolve_backend(backend)
     log.info("validating %s with the %s backend", package, backend)
-    embeddings, timings = run_backend(
-        backend, package, reference["mel"], Path(extracted_dir) if extracted_dir else None, manifest
-    )
+    embeddings, timings = run_package(backend, package, reference["mel"])
     embeddings = embeddings.reshape(reference["transformers"].shape).float()
+    nonfinite = (~torch.isfinite(embeddings)).sum().item()
+    if nonfinite:
+        raise VoxtralError(f"{package}: {nonfinite} of {embeddings.numel()} embedding values are NaN or Inf")
     metrics: dict[str, object] = {
         **compare_embeddings(reference["transformers"], embeddings),
         "vs_ane_module": compare_embeddings(reference["ane_module"], embeddings),

@@ -1,0 +1,85 @@
+"""Running a package: the MIL runtime anywhere, Core ML itself on macOS.
+
+Each backend returns the package's `audio_embeddings` for one mel window and the timings it measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .convert import INPUT_NAME, OUTPUT_NAME
+from .errors import VoxtralError
+
+BACKENDS = ("auto", "mil", "coreml")
+COREML_TIMED_RUNS = 10  # predictions for the median latency on a device
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise VoxtralError(f"validation.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "coreml" if sys.platform == "darwin" else "mil"
+    if backend == "coreml" and sys.platform != "darwin":
+        raise VoxtralError("validation.backend: coreml needs macOS; use mil (or auto) on this machine")
+    return backend
+
+
+def run_mil(package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The package's own MIL program, executed op by op with PyTorch kernels, fp16 results rounded to fp16."""
+    from .milrun import load_package
+
+    started = time.perf_counter()
+    model = load_package(package)
+    loaded = time.perf_counter()
+    outputs = model.predict({INPUT_NAME: mel.numpy().astype(np.float32)})
+    finished = time.perf_counter()
+    timings = {"load_s": round(loaded - started, 3), "predict_s": round(finished - loaded, 3)}
+    return torch.from_numpy(np.asarray(outputs[OUTPUT_NAME], dtype=np.float32)), timings
+
+
+def run_coreml(package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
+    """Core ML on the Neural Engine (macOS only; not run in CI): embeddings, load and latency figures."""
+    import coremltools as ct
+
+    started = time.perf_counter()
+    model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    first_load = time.perf_counter() - started
+    inputs = {INPUT_NAME: mel.numpy().astype(np.float32)}
+    embeddings = model.predict(inputs)[OUTPUT_NAME]
+    latencies = []
+    for _ in range(COREML_TIMED_RUNS):
+        t = time.perf_counter()
+        model.predict(inputs)
+        latencies.append(time.perf_counter() - t)
+    timings = {"first_load_s": round(first_load, 3), "median_latency_s": round(statistics.median(latencies), 4)}
+    share = neural_engine_share(model)
+    if share is not None:
+        timings["ane_op_share"] = round(share, 4)
+    return torch.from_numpy(np.asarray(embeddings, dtype=np.float32)), timings
+
+
+def neural_engine_share(model) -> float | None:  # pragma: no cover
+    """The share of the main function's ops that Core ML's compute plan prefers to run on the Neural Engine."""
+    try:
+        from coremltools.models.compute_device import MLNeuralEngineComputeDevice
+        from coremltools.models.compute_plan import MLComputePlan
+    except ImportError:  # older coremltools without compute plans
+        return None
+    plan = MLComputePlan.load_from_path(path=model.get_compiled_model_path(), compute_units=model.compute_unit)
+    operations = plan.model_structure.program.functions["main"].block.operations
+    usages = [plan.get_compute_device_usage_for_mlprogram_operation(op) for op in operations]
+    placed = [u for u in usages if u is not None]
+    if not placed:
+        return None
+    on_ne = sum(isinstance(u.preferred_compute_device, MLNeuralEngineComputeDevice) for u in placed)
+    return on_ne / len(placed)
+
+
+def run_package(backend: str, package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    return run_coreml(package, mel) if backend == "coreml" else run_mil(package, mel)

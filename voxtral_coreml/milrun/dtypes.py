@@ -1,0 +1,79 @@
+"""How MIL dtypes are held as torch tensors, and the rounding that makes fp16 results match the device."""
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from coremltools.converters.mil.mil import types
+
+from voxtral_coreml.errors import VoxtralError
+
+# All float math runs in fp32 on CPU (fp16 matmuls are far too slow there); an fp16 value is stored as the
+# fp32 number it equals, so fp16 storage is exact and the rounding is applied where each op produces it.
+STORAGE: dict[str, torch.dtype] = {
+    "fp16": torch.float32,
+    "fp32": torch.float32,
+    "bool": torch.bool,
+    "int4": torch.int8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    # Sub-byte unsigned types arrive unpacked, one value per byte, from coremltools' blob reader.
+    "uint1": torch.uint8,
+    "uint2": torch.uint8,
+    "uint3": torch.uint8,
+    "uint4": torch.uint8,
+    "uint6": torch.uint8,
+    "uint8": torch.uint8,
+    # torch's uint16/uint32 support few ops; widening keeps every value exact.
+    "uint16": torch.int32,
+    "uint32": torch.int64,
+}
+
+# What predict accepts and returns for each I/O dtype a Core ML model can declare.
+IO_NUMPY: dict[str, type] = {
+    "fp16": np.float16,
+    "fp32": np.float32,
+    "int32": np.int32,
+    "bool": np.bool_,
+}
+
+Coercer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def dtype_name(builtin: Any) -> str:
+    """The MIL spelling ("fp16", "int32", ...) of a coremltools builtin type."""
+    return types.builtin_to_string(builtin)
+
+
+def round_fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values to the nearest fp16 (ties to even), as the device stores an fp16 result."""
+    return t.to(torch.float16).to(torch.float32)
+
+
+def coercer(dtype: str, where: str) -> Coercer:
+    """The conversion that gives an op's result its declared dtype (fp16 results are rounded)."""
+    if dtype == "fp16":
+        return round_fp16
+    storage = STORAGE.get(dtype)
+    if storage is None:
+        raise VoxtralError(f"{where}: MIL dtype {dtype!r} is not supported by the MIL runtime")
+    return lambda t: t.to(storage)
+
+
+def to_runtime(value: Any) -> Any:
+    """A const op's value as the runtime holds it: strings stay strings, numbers become tensors."""
+    if isinstance(value, str):
+        return value
+    array = np.asarray(value)
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    elif array.dtype == np.uint16:
+        array = array.astype(np.int32)
+    elif array.dtype == np.uint32:
+        array = array.astype(np.int64)
+    if not array.flags.writeable:  # the loader's arrays can be read-only views of the weight file's bytes
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array))

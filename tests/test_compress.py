@@ -13,11 +13,13 @@ import yaml
 from scipy.stats import spearmanr
 
 from conftest import REPO
+from voxtral_coreml.backends import run_mil
 from voxtral_coreml.compress import compress_mlmodel, compressible_weights, palettized, program_weights, weight_op_names
 from voxtral_coreml.convert import Recipe, convert_to_mlprogram
 from voxtral_coreml.dims import WEIGHTS_FILE
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.extract import load_extracted
+from voxtral_coreml.features import speech_mel
 from voxtral_coreml.metrics import psnr_db
 from voxtral_coreml.model import VoxtralEncoderANE, build_ane_encoder
 from voxtral_coreml.package_info import SPEC_VERSION, package_structure
@@ -219,6 +221,19 @@ def test_sensitivity_simulates_the_packages_own_lut(programs: dict, demo_model: 
     for op, weight in compressible_weights(demo_model, 2048).items():
         simulated = palettized(weight, 4)
         assert torch.equal(package_weights.get_parameter(f"{op}.weight"), simulated), op
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_package_computes_what_its_decompressed_weights_compute(
+    name: str, programs: dict, demo_model: VoxtralEncoderANE, sensitivity: dict, tmp_path: Path
+) -> None:
+    compressed, _ = compress(name, programs, demo_model, sensitivity)
+    mel = speech_mel()
+    embeddings, _ = run_mil(saved(compressed, tmp_path / f"{name}.mlpackage"), mel)
+    with torch.no_grad():
+        expected = decompressed_module(compressed, demo_model)(mel)
+    # The MIL runtime rounds activations to fp16 as the device does; the weights must be the same.
+    assert psnr_db(expected, embeddings.reshape(expected.shape)) >= 55
 
 
 @pytest.mark.parametrize(("name", "min_weight_psnr"), [("int8", 40), ("pal8", 40), ("pal4", 18), ("int4b", 18)])

@@ -200,6 +200,13 @@ def test_op_names_map_module_weights_onto_program_consts(programs: dict, demo_mo
     assert names["layers.0.fc1"] == "p_layers_0_fc1_weight_to_fp16"
 
 
+def test_op_names_refuse_a_program_of_other_weights(programs: dict, demo_model: VoxtralEncoderANE) -> None:
+    other = copy.deepcopy(demo_model)
+    torch.nn.init.normal_(other.get_parameter("layers.1.fc2.weight"))
+    with pytest.raises(VoxtralError, match=r"no Core ML weight matches module weight 'layers.1.fc2' \[64, 256, 1, 1\]"):
+        weight_op_names(programs["iOS16"], other, 2048)
+
+
 def decompressed_module(compressed, model: VoxtralEncoderANE) -> VoxtralEncoderANE:
     """The module holding the package's weights, decompressed: the package's numbers, in fp32 compute."""
     import coremltools.optimize.coreml as cto

@@ -117,7 +117,7 @@ def deterministic_kmeans() -> Iterator[None]:
     """coremltools' k-means is scikit-learn's KMeans(k-means++, n_init=1, random_state=0): seeded, but its Lloyd step
     splits the weights into chunks per OpenMP thread and adds the threads' partial centroids in lock order, so the
     rounding, and now and then a label, depends on the core count and on scheduling. One thread makes each LUT a
-    function of the weights alone, on any machine."""
+    function of the weights alone, whatever the core count."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):

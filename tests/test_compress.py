@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from conftest import REPO
 from voxtral_coreml.backends import run_mil
 from voxtral_coreml.compress import compress_mlmodel, compressible_weights, palettized, program_weights, weight_op_names
-from voxtral_coreml.convert import Recipe, convert_to_mlprogram
+from voxtral_coreml.convert import Recipe, convert_package, convert_to_mlprogram
 from voxtral_coreml.dims import WEIGHTS_FILE
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.extract import load_extracted
@@ -119,6 +119,11 @@ def test_mixed_target_must_lie_within_the_candidates() -> None:
         recipe("mixed", target_bits=3)
     with pytest.raises(VoxtralError, match=r"recipe 'mixed': candidate_bits \[4, 5\] is not a list"):
         recipe("mixed", candidate_bits=[4, 5])
+
+
+def test_convert_package_does_not_yet_ship_compressed_recipes(extracted: Path, tmp_path: Path) -> None:
+    with pytest.raises(VoxtralError, match="recipe 'pal4': the convert step does not apply palettize compression yet"):
+        convert_package(extracted, tmp_path / "x.mlpackage", recipe("pal4"), model_name="demo", variant="Mini")
 
 
 def test_missing_common_key_names_it() -> None:

@@ -139,6 +139,8 @@ def convert_package(
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
+    if recipe.kind != "fp16":  # until compress_mlmodel is wired in here: never ship fp16 under another name
+        raise VoxtralError(f"recipe '{recipe.name}': the convert step does not apply {recipe.kind} compression yet")
     weights, dims, encoder_meta = load_extracted(extracted_dir)
     variant = variant or infer_variant(dims)
     model = build_ane_encoder(weights, dims, attention, query_chunk)

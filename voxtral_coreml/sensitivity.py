@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,8 +32,11 @@ from .dims import POSITIONS_KEY
 from .errors import VoxtralError
 from .extract import load_extracted
 from .features import speech_mel
-from .metrics import psnr_db
+from .metrics import PSNR_CAP_DB, psnr_db
 from .model import VoxtralEncoderANE, build_ane_encoder
+
+if TYPE_CHECKING:
+    from coremltools.models import MLModel
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +182,7 @@ def scan_sensitivity(
     }
 
 
-def program_bits(sensitivity: dict, recipe: Recipe, mlmodel, model: torch.nn.Module) -> dict[str, int]:
+def program_bits(sensitivity: dict, recipe: Recipe, mlmodel: MLModel, model: torch.nn.Module) -> dict[str, int]:
     """`choose_bits` for the recipe's target_bits, keyed by the Core ML const op names `compress_mlmodel` takes
     (`model` is the module `mlmodel` was converted from)."""
     for key, wanted in scan_settings(recipe).items():
@@ -195,8 +199,9 @@ def _noise(psnr: float) -> float:
 
 
 def predicted_psnr_db(sensitivity: dict, bits: dict[str, int]) -> float:
+    """The PSNR of all ops compressed together, from the sum of their noise."""
     total = math.fsum(_noise(sensitivity["ops"][op]["psnr_db"][str(b)]) for op, b in bits.items())
-    return -10.0 * math.log10(total) if total > 0 else math.inf
+    return PSNR_CAP_DB if total == 0 else min(PSNR_CAP_DB, -10.0 * math.log10(total))
 
 
 def choose_bits(sensitivity: dict, target_bits: float) -> dict[str, int]:

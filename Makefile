@@ -7,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test params lint clean-artifacts
+.PHONY: install demo test params lint publish bench clean-artifacts
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "== installing pinned dependencies into $(VENV)"
@@ -32,8 +32,17 @@ test: $(STAMP)
 params: $(STAMP)
 	$(BIN)/python -m voxtral_coreml.params
 
+# Upload what `make demo`/`dvc repro` built to a Hugging Face model repo (token: HF_TOKEN or `hf auth login`).
+publish: $(STAMP)
+	@test -n "$(REPO)" || { echo "usage: make publish REPO=org/name"; exit 2; }
+	$(RUN) $(BIN)/voxtral-coreml publish --repo "$(REPO)"
+
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean-artifacts:
 	rm -rf artifacts/checkpoints artifacts/extracted artifacts/reference artifacts/packages artifacts/metrics artifacts/report.md
+
+# Full-dimension benchmarks (about 15 minutes): artifacts/bench/summary.json and summary.md.
+bench: $(STAMP)
+	$(RUN) $(BIN)/python -m benchmarks.run

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from hub_server import HubServer
 from huggingface_hub import constants
 
@@ -19,6 +20,8 @@ from voxtral_coreml.synthetic import LanguageModelShape, write_synthetic_checkpo
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 DEMO_DIMS = EncoderDims(d_model=64, n_layers=2, n_heads=4, ffn_dim=256, hidden_size=96)
 DEMO_LM = LanguageModelShape(layers=2, intermediate=256, vocab=1000, shards=3)
 # What a scratch copy of the project needs to run its pipeline.
@@ -70,7 +73,7 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     """A running local Hub, the client pointed at it, and an HF home/cache/token store under tmp_path."""
     home = tmp_path / "hf_home"
     monkeypatch.setenv("HF_HOME", str(home))
@@ -100,18 +103,34 @@ def copy_project(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
+    commit_all(dest, "init")
     return dest
+
+
+def commit_all(repo: Path, message: str) -> None:
+    run([*GIT, "add", "-A"], repo)
+    run([*GIT, "commit", "-qm", message], repo)
+
+
+def clone(repo: Path, dest: Path) -> Path:
+    """A fresh clone: what git carries (dvc.lock included), no artifacts, no DVC cache."""
+    run(["git", "clone", "-q", str(repo), str(dest)], repo.parent)
+    return dest
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under root."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo pipeline, run once per test session in a scratch copy of the project."""
+    """The demo pipeline, run once per test session in a scratch copy of the project, dvc.lock committed."""
     repo = copy_project(tmp_path_factory.mktemp("demo") / "repo")
-    run([str(BIN / "dvc"), "repro"], repo)
+    run([DVC, "repro"], repo)
+    commit_all(repo, "dvc repro")  # as a user would, so that clones carry dvc.lock
     return repo
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()

@@ -13,24 +13,49 @@ It speaks what the client uses to resolve revisions and download files (checked 
   `X-Repo-Commit`), `GatedRepo` (401 without a token, 403 with a token not granted access). As on the Hub,
   a gated repo's model info is public; only its files are gated.
 
-Tests inspect `log` (one `Hit` per request) and `bytes_sent(repo_id)`, and inject faults: answer an error
-status, drop the connection after K body bytes, or stall T seconds before the body.
+And what `HfApi.create_repo` and `HfApi.upload_folder` use to publish, over the plain LFS protocol (the
+client's Xet path needs a CAS server; tests set HF_HUB_DISABLE_XET, which the client honours):
+
+- `POST /api/repos/create`: a repo whose first commit holds the Hub's default `.gitattributes`; 409 if
+  it exists (the client's `exist_ok`).
+- `POST /api/validate-yaml`: the README's front matter must be YAML (400 with `errors` otherwise).
+- `GET /api/models/{repo_id}/tree/{rev}[/{path}]`: the listing (`recursive`) that `delete_patterns` and
+  `snapshot_download` read, with `lfs` info for LFS files.
+- `POST /api/models/{repo_id}/preupload/{rev}`: `uploadMode` per file ("lfs" for a `.gitattributes`
+  pattern, a binary sample or > 10 MiB) and the remote `oid`, so unchanged files are skipped.
+- `POST /{repo_id}.git/info/lfs/objects/batch`: an upload action on the CDN origin (like a signed storage
+  URL: the client sends no token there) and a verify action, or none if the object is stored already;
+  `PUT` to the CDN stores the object after checking its sha256; `POST .../objects/verify` checks it.
+- `POST /api/models/{repo_id}/commit/{rev}`: the NDJSON commit (`header`, `file`, `lfsFile`,
+  `deletedFile`, `deletedFolder`); it checks `parentCommit` and that LFS objects exist, applies the
+  operations to the repo's tree and answers `commitOid`/`commitUrl`. A pushed repo then serves downloads
+  like the others (LFS files through the CDN redirect).
+
+Writes need a token in `write_tokens` (401 otherwise). Tests inspect `log` (one `Hit` per request),
+`bytes_sent(repo_id)` and `commits`, and inject faults: answer an error status, drop the connection after
+K body bytes, or stall T seconds before the body.
 """
 
 from __future__ import annotations
 
+import base64
+import fnmatch
 import hashlib
 import json
 import re
 import secrets
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import yaml
 
 
 @dataclass
@@ -44,6 +69,7 @@ class FakeRepo:
     gated: bool = False
     tokens: frozenset[str] = frozenset()  # tokens granted access to a gated repo
     hidden: frozenset[str] = frozenset()  # listed in siblings but missing on download (a broken repo)
+    lfs: dict[str, str] = field(default_factory=dict)  # path -> sha256 of the files committed as LFS
 
     def files(self) -> list[str]:
         return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
@@ -65,6 +91,7 @@ class Hit:
     authorized: bool = False  # an Authorization header was present
     status: int = 0
     bytes_sent: int = 0  # body bytes only
+    bytes_received: int = 0  # request body bytes
 
 
 @dataclass
@@ -80,6 +107,17 @@ class Fault:
 def ranged(hit: Hit) -> bool:
     """Default fault target: GETs with a Range header (what the fetcher sends for headers and tensors)."""
     return hit.method == "GET" and hit.range is not None
+
+
+@dataclass
+class Commit:
+    """One commit the server accepted."""
+
+    repo_id: str
+    oid: str
+    summary: str
+    description: str
+    operations: list[tuple[str, str]]  # (key, path): ("file"|"lfsFile"|"deletedFile"|"deletedFolder", path)
 
 
 @dataclass
@@ -103,9 +141,14 @@ class HubServer:
         self._lock = threading.Lock()
         self._etags: dict[tuple[Path, int, int], str] = {}
         self._servers: dict[str, ThreadingHTTPServer] = {}
+        self.write_tokens: set[str] = set()
+        self.commits: list[Commit] = []
+        self.errors: list[Exception] = []  # exceptions raised while answering (bugs of this server)
+        self._storage: Path | None = None  # pushed repos and LFS objects, removed by stop()
 
     # lifecycle
     def start(self) -> HubServer:
+        self._storage = Path(tempfile.mkdtemp(prefix="hub-server-"))
         for role in ("hub", "cdn"):
             server = _Server(self, role)
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -116,6 +159,8 @@ class HubServer:
         for server in self._servers.values():
             server.shutdown()
             server.server_close()
+        if self._storage is not None:
+            shutil.rmtree(self._storage, ignore_errors=True)
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -184,10 +229,15 @@ class HubServer:
             self.log.append(hit)
 
     # routing
-    def answer(self, hit: Hit, range_header: str | None, authorization: str | None) -> _Answer:
-        path = urlsplit(hit.path).path
+    def answer(self, hit: Hit, range_header: str | None, authorization: str | None, body: bytes = b"") -> _Answer:
+        url = urlsplit(hit.path)
+        path = url.path
         if hit.server == "cdn":
-            return self._cdn(hit, path, range_header)
+            return self._lfs_store(hit, path, body) if hit.method == "PUT" else self._cdn(hit, path, range_header)
+        if hit.method == "POST":
+            return self._post(hit, path, body, authorization)
+        if path.startswith("/api/models/") and "/tree/" in path:
+            return self._tree(hit, path.removeprefix("/api/models/"), parse_qs(url.query))
         if path.startswith("/api/models/"):
             return self._model_info(hit, path.removeprefix("/api/models/"), authorization)
         if "/resolve/" in path:
@@ -238,7 +288,7 @@ class HubServer:
             return _error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
         headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
         size = file.stat().st_size
-        if file.suffix == ".safetensors":  # a large (LFS/Xet) file: metadata here, bytes on the CDN
+        if file.suffix == ".safetensors" or hit.filename in repo.lfs:  # LFS/Xet: metadata here, bytes on the CDN
             etag = f'"{self._sha256(file)}"'
             signed = f"{quote(hit.filename or '')}?sig={secrets.token_hex(8)}"  # like a signed URL
             cdn = f"{self._url('cdn')}/{repo.repo_id}/{commit}/{signed}"
@@ -268,10 +318,217 @@ class HubServer:
                 self._etags[key] = hashlib.sha256(file.read_bytes()).hexdigest()
             return self._etags[key]
 
+    # publishing
+    def _post(self, hit: Hit, path: str, body: bytes, authorization: str | None) -> _Answer:
+        if path == "/api/validate-yaml":
+            return _validate_yaml(json.loads(body))
+        if (denied := self._writer(authorization)) is not None:
+            return denied
+        if path == "/api/repos/create":
+            return self._create_repo(hit, json.loads(body))
+        if path.endswith(".git/info/lfs/objects/batch"):
+            hit.repo_id = path.lstrip("/").removesuffix(".git/info/lfs/objects/batch")
+            return self._lfs_batch(hit, json.loads(body))
+        if path.endswith(".git/info/lfs/objects/verify"):
+            return self._lfs_verify(json.loads(body))
+        repo_id, action, revision = _api_parts(path)
+        hit.repo_id = repo_id
+        repo = self.repos.get(repo_id or "")
+        if repo is None:
+            return _error(404, "RepoNotFound", "Repository not found")
+        if repo.resolve(revision) is None:
+            return _error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        if action == "preupload":
+            return self._preupload(repo, json.loads(body))
+        if action == "commit":
+            return self._commit(repo, [json.loads(line) for line in body.splitlines() if line.strip()])
+        return _error(404, None, "Not Found")
+
+    def _writer(self, authorization: str | None) -> _Answer | None:
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if token not in self.write_tokens:
+            return _error(401, None, "Invalid username or password.")
+        return None
+
+    def _create_repo(self, hit: Hit, payload: dict) -> _Answer:
+        hit.repo_id = f"{payload.get('organization')}/{payload['name']}"
+        url = f"{self.endpoint}/{hit.repo_id}"
+        with self._lock:
+            if hit.repo_id in self.repos:
+                return _json(409, {"error": "You already created this model repo", "url": url})
+            root = self._storage / "repos" / hit.repo_id
+            root.mkdir(parents=True)
+            (root / ".gitattributes").write_text(DEFAULT_GITATTRIBUTES)
+            self.repos[hit.repo_id] = FakeRepo(hit.repo_id, root)
+        return _Answer(
+            200, {"Content-Type": "application/json"}, json.dumps({"url": url, "name": hit.repo_id}).encode()
+        )
+
+    def _preupload(self, repo: FakeRepo, payload: dict) -> _Answer:
+        attributes = (repo.root / ".gitattributes").read_text() if (repo.root / ".gitattributes").is_file() else ""
+        files = []
+        for f in payload["files"]:
+            sample = base64.b64decode(f["sample"])
+            lfs = _lfs_pattern(f["path"], attributes) or b"\0" in sample or f["size"] > LFS_THRESHOLD
+            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                          "oid": self._remote_oid(repo, f["path"])})  # fmt: skip
+        return _json(200, {"files": files})
+
+    def _remote_oid(self, repo: FakeRepo, path: str) -> str | None:
+        # What the client compares with its local oid: sha256 for LFS files, the git blob sha otherwise.
+        file = repo.root / path
+        if not file.is_file():
+            return None
+        return repo.lfs[path] if path in repo.lfs else _git_blob_sha(file)
+
+    def _lfs_path(self, oid: str) -> Path:
+        return self._storage / "lfs" / oid
+
+    def _lfs_batch(self, hit: Hit, payload: dict) -> _Answer:
+        objects = []
+        for obj in payload["objects"]:
+            stored = self._lfs_path(obj["oid"])
+            if stored.is_file() and stored.stat().st_size == obj["size"]:
+                objects.append({"oid": obj["oid"], "size": obj["size"]})  # already there: no actions
+                continue
+            upload = f"{self._url('cdn')}/lfs/{obj['oid']}?sig={secrets.token_hex(8)}"
+            verify = f"{self.endpoint}/{hit.repo_id}.git/info/lfs/objects/verify"
+            actions = {"upload": {"href": upload}, "verify": {"href": verify}}
+            objects.append({"oid": obj["oid"], "size": obj["size"], "authenticated": True, "actions": actions})
+        return _json(200, {"transfer": "basic", "objects": objects}, "application/vnd.git-lfs+json")
+
+    def _lfs_store(self, hit: Hit, path: str, body: bytes) -> _Answer:
+        oid = path.removeprefix("/lfs/")
+        hit.filename = oid
+        if hashlib.sha256(body).hexdigest() != oid:
+            return _Answer(400, {}, b"sha256 mismatch")
+        self._lfs_path(oid).parent.mkdir(parents=True, exist_ok=True)
+        self._lfs_path(oid).write_bytes(body)
+        return _Answer(200, {"ETag": f'"{oid}"'})
+
+    def _lfs_verify(self, payload: dict) -> _Answer:
+        stored = self._lfs_path(payload["oid"])
+        if not stored.is_file() or stored.stat().st_size != payload["size"]:
+            return _error(404, None, f"Object {payload['oid']} not found")
+        return _json(200, {"success": True})
+
+    def _commit(self, repo: FakeRepo, lines: list[dict]) -> _Answer:
+        header = next((line["value"] for line in lines if line["key"] == "header"), {})
+        operations = [(line["key"], line["value"]) for line in lines if line["key"] != "header"]
+        with self._lock:
+            if header.get("parentCommit") not in (None, repo.commit):
+                return _error(412, None, "A commit has happened since. Please refresh and try again.")
+            for key, value in operations:
+                target = repo.root / value["path"]
+                if key == "lfsFile" and not self._lfs_path(value["oid"]).is_file():
+                    return _error(400, None, f"LFS pointer {value['path']} points to an object that does not exist")
+                if key == "deletedFile" and not target.is_file():
+                    return _error(404, "EntryNotFound", f"A file with this name doesn't exist: {value['path']}")
+            for key, value in operations:
+                _apply(repo, key, value, self._lfs_path(value["oid"]) if key == "lfsFile" else None)
+            parent = repo.commit
+            repo.commit = hashlib.sha1(f"{parent}\n{json.dumps(lines)}".encode()).hexdigest()
+            summary, description = header.get("summary", ""), header.get("description", "")
+            ops = [(key, value["path"]) for key, value in operations]
+            self.commits.append(Commit(repo.repo_id, repo.commit, summary, description, ops))
+        url = f"{self.endpoint}/{repo.repo_id}/commit/{repo.commit}"
+        return _json(200, {"success": True, "commitOid": repo.commit, "commitUrl": url, "hookOutput": ""})
+
+    def _tree(self, hit: Hit, rest: str, query: dict[str, list[str]]) -> _Answer:
+        repo_id, tail = _split_repo(rest)
+        hit.repo_id = repo_id
+        revision, _, prefix = tail.removeprefix("tree/").partition("/")
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return _error(404, "RepoNotFound", "Repository not found")
+        if repo.resolve(unquote(revision)) is None:
+            return _error(404, "RevisionNotFound", f"Invalid rev id: {unquote(revision)}")
+        base = repo.root / unquote(prefix)
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        paths = sorted(base.rglob("*") if recursive else base.iterdir())
+        return _json(200, [_tree_entry(repo, p) for p in paths])
+
 
 def _git_blob_sha(file: Path) -> str:
     data = file.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+# The patterns a new model repo's .gitattributes starts with on the Hub (the ones that matter here).
+DEFAULT_GITATTRIBUTES = "".join(
+    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in ("*.bin", "*.mlmodel", "*.safetensors")
+)
+LFS_THRESHOLD = 10 * 1024 * 1024
+
+
+def _json(status: int, obj: object, content_type: str = "application/json") -> _Answer:
+    return _Answer(status, {"Content-Type": content_type}, json.dumps(obj).encode())
+
+
+def _split_repo(rest: str) -> tuple[str, str]:
+    """`org/name/tail...` -> (repo_id, tail)."""
+    org, _, remainder = rest.partition("/")
+    name, _, tail = remainder.partition("/")
+    return f"{org}/{name}", tail
+
+
+def _api_parts(path: str) -> tuple[str | None, str, str]:
+    """/api/models/{org}/{name}/{action}/{revision} -> (repo_id, action, revision)."""
+    if not path.startswith("/api/models/"):
+        return None, "", ""
+    repo_id, tail = _split_repo(path.removeprefix("/api/models/"))
+    action, _, revision = tail.partition("/")
+    return repo_id, action, unquote(revision)
+
+
+def _lfs_pattern(path: str, gitattributes: str) -> bool:
+    patterns = [line.split()[0] for line in gitattributes.splitlines() if "filter=lfs" in line]
+    return any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern) for pattern in patterns)
+
+
+def _validate_yaml(payload: dict) -> _Answer:
+    content = payload.get("content", "")
+    front = content.split("---", 2)[1] if content.startswith("---") and content.count("---") >= 2 else ""
+    try:
+        metadata = yaml.safe_load(front) or {}
+    except yaml.YAMLError as e:
+        return _json(400, {"errors": [{"message": f"Invalid YAML in README.md: {e}"}], "warnings": []})
+    if not isinstance(metadata, dict):
+        return _json(400, {"errors": [{"message": "The README's metadata must be a mapping"}], "warnings": []})
+    return _json(200, {"errors": [], "warnings": []})
+
+
+def _apply(repo: FakeRepo, key: str, value: dict, lfs_object: Path | None) -> None:
+    target = repo.root / value["path"]
+    if key in ("file", "lfsFile"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if lfs_object is not None:
+            shutil.copyfile(lfs_object, target)
+            repo.lfs[value["path"]] = value["oid"]
+        else:
+            target.write_bytes(base64.b64decode(value["content"]))
+            repo.lfs.pop(value["path"], None)
+        return
+    if key == "deletedFolder":
+        shutil.rmtree(target, ignore_errors=True)
+        repo.lfs = {p: oid for p, oid in repo.lfs.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+    else:
+        target.unlink()
+        repo.lfs.pop(value["path"], None)
+    for folder in target.parents:  # git has no empty folders
+        if folder == repo.root or not folder.is_dir() or any(folder.iterdir()):
+            break
+        folder.rmdir()
+
+
+def _tree_entry(repo: FakeRepo, path: Path) -> dict[str, object]:
+    name = path.relative_to(repo.root).as_posix()
+    if path.is_dir():
+        return {"type": "directory", "oid": hashlib.sha1(name.encode()).hexdigest(), "size": 0, "path": name}
+    entry: dict[str, object] = {"type": "file", "oid": _git_blob_sha(path), "size": path.stat().st_size, "path": name}
+    if name in repo.lfs:
+        entry["lfs"] = {"oid": repo.lfs[name], "size": path.stat().st_size, "pointerSize": 134}
+    return entry
 
 
 def _gate(repo: FakeRepo, authorization: str | None) -> _Answer | None:
@@ -355,6 +612,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._handle(send_body=False)
 
+    def do_POST(self) -> None:
+        self._handle(send_body=True)
+
+    def do_PUT(self) -> None:
+        self._handle(send_body=True)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # streamed uploads
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline().strip():  # trailers, up to the blank line
+                pass
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
     def _handle(self, send_body: bool) -> None:
         hub = self.server.hub
         hit = Hit(self.server.role, self.command, self.path)
@@ -362,7 +636,13 @@ class _Handler(BaseHTTPRequestHandler):
         match = _RANGE.fullmatch((self.headers.get("Range") or "").strip())
         if match and match.group(1):
             hit.range = (int(match.group(1)), int(match.group(2)) if match.group(2) else -1)
-        answer = hub.answer(hit, self.headers.get("Range"), self.headers.get("Authorization"))
+        body = self._read_body() if self.command in ("POST", "PUT") else b""
+        hit.bytes_received = len(body)
+        try:
+            answer = hub.answer(hit, self.headers.get("Range"), self.headers.get("Authorization"), body)
+        except Exception as e:  # a bug here, not a client error: answer it, keep it for the test to show
+            hub.errors.append(e)
+            answer = _error(500, None, f"server bug: {type(e).__name__}: {e}")
         fault = hub._take_fault(hit, serves_file=not isinstance(answer.body, bytes))
         if fault is not None and fault.kind == "status":
             answer = _error(fault.status, None, "injected fault")

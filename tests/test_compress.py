@@ -57,7 +57,7 @@ def recipe(name: str, **overrides: object) -> Recipe:
 
 @pytest.fixture(scope="session")
 def demo_model(extracted: Path) -> VoxtralEncoderANE:
-    weights, dims, _ = load_extracted(extracted)
+    weights, dims, _ = load_extracted(extracted, dtype=torch.float16)  # as convert_package builds it
     return build_ane_encoder(weights, dims)
 
 
@@ -218,7 +218,7 @@ def decompressed_module(compressed, model: VoxtralEncoderANE) -> VoxtralEncoderA
 
     program = cto.decompress_weights(compressed)
     values = program_weights(program, 2048)
-    clone = copy.deepcopy(model)
+    clone = copy.deepcopy(model).float()
     for op, const in weight_op_names(program, model, 2048).items():
         weight = torch.from_numpy(values[const].astype(np.float32))
         if op.endswith("q_proj"):

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from conftest import BIN, copy_project, run
+from conftest import DVC, copy_project, run
 from voxtral_coreml.convert import MANIFEST
 
-DVC = str(BIN / "dvc")
 DEMO_H = {"demo-mini": 96, "demo-small": 160}
 
 

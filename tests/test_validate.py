@@ -104,3 +104,26 @@ def test_every_op_in_the_demo_packages_is_supported(demo_repo: Path) -> None:
     for package in packages:
         op_types = set(program_op_types(load_package(package).program))
         assert op_types <= SUPPORTED_OPS, f"{package}: the MIL runtime lacks {sorted(op_types - SUPPORTED_OPS)}"
+
+
+def expected_gflops(dims) -> float:
+    """Multiply-adds x 2 per window, counted by hand from the architecture."""
+    d, f, h, t = dims.d_model, dims.ffn_dim, dims.hidden_size, dims.mel_frames
+    s = dims.n_positions
+    convs = 2 * d * t * dims.n_mels * 3 + 2 * d * s * d * 3
+    per_layer = 4 * 2 * d * s * d + 2 * 2 * f * s * d + 2 * 2 * s * s * d  # projections, FFN, QK and AV
+    projector = 2 * h * dims.n_embeddings * 4 * d + 2 * h * dims.n_embeddings * h
+    return (convs + dims.n_layers * per_layer + projector) / 1e9
+
+
+def test_ane_report_counts_flops_and_finds_no_stray_layout_ops(package_and_reference) -> None:
+    from voxtral_coreml.package_info import ane_report
+
+    folder, _ = package_and_reference
+    report = ane_report(folder / package_name("Mini"))
+    assert report["gflops_per_window"] == pytest.approx(expected_gflops(DEMO_DIMS), rel=1e-3)
+    # Only the contract's boundary: [1,128,3000] -> (1,128,1,3000) in, (1,H,1,375) -> [1,375,H] out.
+    assert report["layout_ops_outside_attention"] == {"expand_dims": 1, "squeeze": 1, "transpose": 1}
+    assert report["fp32_ops"] == {"cast": 1}  # the output cast back to float32; everything else is fp16
+    assert report["ops_with_rank_over_4"] == 0
+    assert report["weight_bytes"] > 0

@@ -74,22 +74,37 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .package_info import package_structure
+    from .package_info import ane_report, package_structure
     from .validate import find_package
 
     package, manifest = find_package(Path(args.package))
-    info = {"package": str(package), "manifest": manifest, "structure": package_structure(package)}
+    structure = package_structure(package)
+    info = {"package": str(package), "manifest": manifest, "structure": structure, "ane": ane_report(package)}
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
-    s = info["structure"]
+    ane = info["ane"]
     print(f"{package}")
-    for io in s["inputs"] + s["outputs"]:
+    for io in structure["inputs"] + structure["outputs"]:
         print(f"  {io['name']}: {io['dtype']} {io['shape']}")
-    print(f"  target: {manifest['deployment_target']}  recipe: {manifest['recipe']['name']}")
-    print(f"  size: {manifest['size_bytes'] / 1e6:.1f} MB  ops: {sum(s['ops'].values())}")
-    for op, n in s["ops"].items():
-        print(f"    {op}: {n}")
+    target = manifest["deployment_target"]
+    print(f"  deployment target: {target['coreml']} (iOS {target['ios']}, macOS {target['macos']})")
+    print(f"  recipe: {manifest['recipe']['name']}  size: {manifest['size_bytes'] / 1e6:.1f} MB")
+    print(f"  weights: {ane['weight_bytes'] / 1e6:.1f} MB  compute: {ane['gflops_per_window']} GFLOP per window")
+    print(f"  ops: {ane['ops_total']} ({', '.join(f'{op} {n}' for op, n in ane['ops'].items())})")
+    outside = ane["layout_ops_outside_attention"]
+    print(f"  layout ops outside attention: {sum(outside.values())} {outside or ''}".rstrip())
+    print(f"  ops computing in fp32: {sum(ane['fp32_ops'].values())} {ane['fp32_ops'] or ''}".rstrip())
+    print(f"  ops with rank > 4 tensors: {ane['ops_with_rank_over_4']}")
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    from .publish import publish
+
+    if args.dry_run and args.out is None:
+        raise VoxtralError("--dry-run needs --out: the folder to assemble the repository in")
+    url = publish(args.repo, out=Path(args.out) if args.out else None, dry_run=args.dry_run, private=args.private)
+    print(url or f"assembled {args.out} (not uploaded)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -120,6 +135,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("package")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    h = sub.add_parser("publish", help="upload the pipeline's packages to a Hugging Face model repo")
+    h.add_argument("--repo", required=True, help="org/name on the Hub (token: HF_TOKEN or `hf auth login`)")
+    h.add_argument("--out", help="assemble the repository here and keep it (default: a temporary folder)")
+    h.add_argument("--dry-run", action="store_true", help="assemble only, do not upload (needs --out)")
+    h.add_argument("--private", action="store_true", help="create the repo as private if it does not exist")
+    h.set_defaults(func=cmd_publish)
     return p
 
 

@@ -19,12 +19,13 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path, write_json_atomic
+from .canonical import canonicalize_package
 from .compress import required_target, validate_params
 from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
 from .model import VoxtralEncoderANE, build_ane_encoder
-from .package_info import package_structure
+from .package_info import ane_report
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
 
     dims = model.dims
     exported = export_encoder(model)
+    pipeline = ct.PassPipeline.DEFAULT
+    # This pass writes fp32 mean/variance constants into the batch_norm it creates, which breaks an fp16 graph
+    # (coremltools 9.0); without it the LayerNorm affine stays a mul + add.
+    pipeline.remove_passes(["common::fuse_elementwise_to_batchnorm"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
         return ct.convert(
@@ -103,6 +108,7 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, target),
+            pass_pipeline=pipeline,
             skip_model_load=True,  # loading compiles the model, which only macOS can do
         )
 
@@ -141,7 +147,9 @@ def convert_package(
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
     if recipe.kind != "fp16":  # until compress_mlmodel is wired in here: never ship fp16 under another name
         raise VoxtralError(f"recipe '{recipe.name}': the convert step does not apply {recipe.kind} compression yet")
-    weights, dims, encoder_meta = load_extracted(extracted_dir)
+    # fp16 from the start: the package stores fp16 anyway (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 would),
+    # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight.
+    weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
     variant = variant or infer_variant(dims)
     model = build_ane_encoder(weights, dims, attention, query_chunk)
     log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
@@ -151,6 +159,7 @@ def convert_package(
     mlmodel.version = __version__
     with atomic_path(package) as staging:
         mlmodel.save(str(staging))
+        canonicalize_package(staging)  # the same model and recipe give the same bytes
     ios, macos = TARGETS[recipe.min_target]
     manifest = {
         "package": package.name,
@@ -164,7 +173,7 @@ def convert_package(
         "weights_sha256": encoder_meta["weights_sha256"],
         "source": encoder_meta.get("source", {}),
         "size_bytes": tree_size(package),
-        "ops": package_structure(package)["ops"],
+        "ane": ane_report(package),
         "versions": versions(),
     }
     write_json_atomic(package.parent / MANIFEST, manifest)

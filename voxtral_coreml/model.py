@@ -29,6 +29,11 @@ def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 
+def scalar_like(value: float, x: torch.Tensor) -> torch.Tensor:
+    """A constant in x's dtype: coremltools promotes `fp16 tensor op Python float` to fp32."""
+    return torch.full((), value, dtype=x.dtype)
+
+
 class ChannelLayerNorm(nn.Module):
     """ANE: normalize over the channel axis (dim 1) of (B, C, 1, S) in place of transposing to (B, S, C)."""
 
@@ -40,7 +45,7 @@ class ChannelLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centered = x - x.mean(dim=1, keepdim=True)
         variance = (centered * centered).mean(dim=1, keepdim=True)
-        normed = centered * torch.rsqrt(variance + LAYER_NORM_EPS)
+        normed = centered * torch.rsqrt(variance + scalar_like(LAYER_NORM_EPS, x))
         return normed * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
@@ -61,7 +66,7 @@ class SelfAttention(nn.Module):
         self.core = core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x) * self.scale  # scaled before QK, after the bias, as transformers does
+        q = self.q_proj(x) * scalar_like(self.scale, x)  # scaled before QK, after the bias, as transformers does
         return self.out_proj(self.core(q, self.k_proj(x), self.v_proj(x)))
 
 
@@ -118,13 +123,14 @@ class VoxtralEncoderANE(nn.Module):
 
     # stem and head are methods so that a caller can run the encoder from any layer on (sensitivity.py).
     def stem(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
-        x = mel_spectrogram.unsqueeze(2)  # [B, 128, 3000] -> (B, 128, 1, 3000)
+        # [B, 128, 3000] -> (B, 128, 1, 3000), in the weights' dtype (fp16 when built for conversion)
+        x = mel_spectrogram.unsqueeze(2).to(self.conv1.weight.dtype)
         x = F.gelu(self.conv1(x))
         return F.gelu(self.conv2(x)) + self.embed_positions
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         embeddings = self.multi_modal_projector(self.layer_norm(x))  # (B, H, 1, 375)
-        return embeddings.squeeze(2).transpose(1, 2)  # [B, 375, H]: the Swift app's contract
+        return embeddings.squeeze(2).transpose(1, 2).float()  # [B, 375, H] float32: the Swift app's contract
 
 
 def projector_conv_weight(linear_1: torch.Tensor, d_model: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -40,4 +41,122 @@ def package_structure(package: Path) -> dict[str, object]:
         "outputs": [_array_description(f) for f in spec.description.output],
         "spec_version": spec.specificationVersion,
         "ops": dict(sorted(ops.items())),
+    }
+
+
+ATTENTION_OPS = frozenset({"einsum", "matmul", "softmax"})
+LAYOUT_OPS = frozenset({"transpose", "reshape", "expand_dims", "squeeze"})
+HEAD_OPS = frozenset({"split", "concat"})  # cutting q, k, v into heads and joining them back
+
+
+def _tensor(value_type) -> tuple[str, list[int]]:
+    from coremltools.proto.MIL_pb2 import DataType
+
+    tensor = value_type.tensorType
+    return DataType.Name(tensor.dataType).lower(), [d.constant.size for d in tensor.dimensions]
+
+
+def _immediate(op) -> object:
+    """A const op's small value (a string or ints), or None for blob-stored weights."""
+    value = op.attributes["val"]
+    if not value.HasField("immediateValue"):
+        return None
+    tensor = value.immediateValue.tensor
+    if tensor.HasField("strings"):
+        return list(tensor.strings.values)
+    return list(tensor.ints.values) if tensor.HasField("ints") else None
+
+
+class _Graph:
+    """The main function's ops with their outputs' types, producers and consumers."""
+
+    def __init__(self, spec) -> None:
+        main = spec.mlProgram.functions["main"]
+        self.ops = list(main.block_specializations[main.opset].operations)
+        self.types = {i.name: _tensor(i.type) for i in main.inputs}
+        self.producer = {}
+        self.consumers: dict[str, list] = {}
+        for op in self.ops:
+            for out in op.outputs:
+                self.types[out.name] = _tensor(out.type)
+                self.producer[out.name] = op
+            for argument in op.inputs.values():
+                for arg in argument.arguments:
+                    self.consumers.setdefault(arg.name, []).append(op)
+
+    def input_names(self, op, key: str) -> list[str]:
+        return [a.name for a in op.inputs[key].arguments] if key in op.inputs else []
+
+    def const_value(self, op, key: str) -> object:
+        names = self.input_names(op, key)
+        producer = self.producer.get(names[0]) if names else None
+        return _immediate(producer) if producer is not None and producer.type == "const" else None
+
+    def neighbours(self, op) -> list:
+        ups = [self.producer[n] for arg in op.inputs.values() for n in (a.name for a in arg.arguments)
+               if n in self.producer]  # fmt: skip
+        downs = [c for out in op.outputs for c in self.consumers.get(out.name, [])]
+        return ups + downs
+
+
+def _matrix_flops(graph: _Graph, op) -> int:
+    """Multiply-adds x 2 of the ops that do the arithmetic: conv, einsum, matmul, linear."""
+    out_numel = math.prod(graph.types[op.outputs[0].name][1])
+    if op.type == "conv":
+        weight = graph.types[graph.input_names(op, "weight")[0]][1]
+        return 2 * out_numel * math.prod(weight[1:])
+    if op.type in ("matmul", "linear"):
+        x = graph.types[graph.input_names(op, "x")[0]][1]
+        transposed = graph.const_value(op, "transpose_x") == [1]
+        return 2 * out_numel * (x[-2] if transposed else x[-1])
+    if op.type == "einsum":
+        equation = graph.const_value(op, "equation")
+        values = graph.input_names(op, "values")
+        if not equation or len(values) != 2:
+            return 0
+        inputs, output = str(equation[0]).replace(" ", "").split("->")
+        sizes = {}
+        for letters, name in zip(inputs.split(","), values, strict=True):
+            sizes.update(zip(letters, graph.types[name][1], strict=True))
+        contracted = [size for letter, size in sizes.items() if letter not in output]
+        return 2 * out_numel * math.prod(contracted)
+    return 0
+
+
+def _inside_attention(graph: _Graph) -> set[str]:
+    """Layout ops connected to an attention op through layout and head ops only: part of the attention."""
+    inside: set[str] = set()
+    frontier = [op for op in graph.ops if op.type in ATTENTION_OPS]
+    seen = {op.outputs[0].name for op in frontier}
+    while frontier:
+        op = frontier.pop()
+        for other in graph.neighbours(op):
+            key = other.outputs[0].name
+            if other.type in LAYOUT_OPS | HEAD_OPS and key not in seen:
+                seen.add(key)
+                inside.add(key)
+                frontier.append(other)
+    return inside
+
+
+def ane_report(package: Path) -> dict[str, object]:
+    """What decides how well a package suits the Neural Engine, read from its spec (no weights loaded)."""
+    import coremltools as ct
+
+    structure = package_structure(package)  # validates the package first
+    graph = _Graph(ct.utils.load_spec(str(package)))
+    compute = [op for op in graph.ops if op.type != "const"]
+    inside = _inside_attention(graph)
+    layout_outside = Counter(op.type for op in compute if op.type in LAYOUT_OPS and op.outputs[0].name not in inside)
+    fp32 = Counter(op.type for op in compute if any(graph.types[o.name][0] == "float32" for o in op.outputs))
+    high_rank = sum(1 for op in compute if any(len(graph.types[o.name][1]) > 4 for o in op.outputs))
+    weights = package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    return {
+        "ops_total": sum(structure["ops"].values()),
+        "ops": structure["ops"],
+        "layout_ops_outside_attention": dict(sorted(layout_outside.items())),
+        "ops_with_rank_over_4": high_rank,
+        "fp32_ops": dict(sorted(fp32.items())),
+        "gflops_per_window": round(sum(_matrix_flops(graph, op) for op in compute) / 1e9, 3),
+        "weight_bytes": weights.stat().st_size if weights.is_file() else 0,
     }

@@ -1,0 +1,1 @@
+"""`make bench`: full-dimension measurements of the pipeline against baselines run alongside."""

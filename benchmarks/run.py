@@ -1,0 +1,156 @@
+"""`make bench`: full-dimension benchmarks -> artifacts/bench/summary.json and summary.md.
+
+Every measurement is its own process: wall time from the parent, peak RSS from the kernel (`wait4`), bytes
+read from the child's /proc/self/io. Baselines (the naive conversion, the PyTorch reference forward) run in the
+same invocation, so ratios compare like with like on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from voxtral_coreml.atomic import write_json_atomic, write_text_atomic
+from voxtral_coreml.attention import ATTENTION_CORES
+from voxtral_coreml.convert import tree_size
+from voxtral_coreml.paths import ARTIFACTS, checkpoint_dir, extracted_dir, package_dir
+
+BENCH = ARTIFACTS / "bench"
+MODELS = ("synthetic-mini", "synthetic-small")
+STAGES = ("download", "extract", "build")
+RECIPES = ("fp16",)
+GB = 1024**3
+
+
+@dataclass
+class Measurement:
+    name: str
+    wall_s: float
+    peak_rss_gb: float
+    reported: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"wall_s": round(self.wall_s, 2), "peak_rss_gb": round(self.peak_rss_gb, 3), **self.reported}
+
+
+def measure(name: str, argv: list[str]) -> Measurement:
+    """Run `argv` in a child process; its last stdout line, if JSON, is what it reports about itself."""
+    log = BENCH / "logs" / f"{name.replace('/', '_')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"== {name}", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as err:
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        stdout = child.stdout.read() if child.stdout else ""
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if child.returncode != 0:
+        raise SystemExit(f"{name} failed ({child.returncode}); see {log}")
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    reported = json.loads(last) if last.startswith("{") else {}
+    result = Measurement(name, wall, usage.ru_maxrss * 1024 / GB, reported)  # ru_maxrss is in KiB
+    print(f"   {result.wall_s:.1f} s, {result.peak_rss_gb:.2f} GB peak RSS", flush=True)
+    return result
+
+
+def stage(name: str, *args: str) -> Measurement:
+    """A pipeline stage script, exactly as dvc runs it, plus the bytes it read."""
+    return measure(f"{name}/{'-'.join(args)}", [sys.executable, "-m", "benchmarks.stage_io", f"stages.{name}", *args])
+
+
+def task(name: str, *args: str) -> Measurement:
+    return measure(name, [sys.executable, "-m", "benchmarks.tasks", *args])
+
+
+def gb(path: Path) -> float:
+    return round(tree_size(path) / GB, 3)
+
+
+def model_benchmarks(model: str) -> dict[str, dict]:
+    rows = {stage_name: stage(stage_name, model).row() for stage_name in STAGES}
+    rows["download"]["checkpoint_gb"] = gb(checkpoint_dir(model))
+    rows["extract"]["extracted_gb"] = gb(extracted_dir(model))
+    for recipe in RECIPES:
+        rows[f"convert_{recipe}"] = stage("convert", model, recipe).row()
+        rows[f"convert_{recipe}"]["package_gb"] = gb(package_dir(model, recipe))
+        rows[f"validate_{recipe}"] = stage("validate", model, recipe).row()
+    return rows
+
+
+def noop_repro() -> Measurement:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "repro", "-q"], check=True)  # builds the demo if it is not built yet
+    return measure("noop_repro", [dvc, "repro"])
+
+
+def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attention: dict[str, dict]) -> dict:
+    mini = per_model["synthetic-mini"]
+    naive = extra["naive"]
+    summary = {
+        "convert_fp16_s": mini["convert_fp16"]["wall_s"],
+        "convert_fp16_peak_rss_gb": mini["convert_fp16"]["peak_rss_gb"],
+        "naive_convert_s": round(naive.wall_s, 2),
+        "naive_peak_rss_gb": round(naive.peak_rss_gb, 3),
+        "convert_vs_naive_time": round(mini["convert_fp16"]["wall_s"] / naive.wall_s, 3),
+        "convert_vs_naive_rss": round(mini["convert_fp16"]["peak_rss_gb"] / naive.peak_rss_gb, 3),
+        "extract_peak_rss_gb": max(per_model[m]["extract"]["peak_rss_gb"] for m in per_model),
+        "noop_repro_s": round(extra["noop_repro"].wall_s, 2),
+        "milrun_forward_s": extra["mil_forward"].reported["forward_s"],
+        "reference_forward_s": extra["reference_forward"].reported["forward_s"],
+        "milrun_vs_reference": round(
+            extra["mil_forward"].reported["forward_s"] / extra["reference_forward"].reported["forward_s"], 3
+        ),
+        "attention_ops": {name: result["ops_total"] for name, result in attention.items()},
+        "attention_convert_s": {name: result["wall_s"] for name, result in attention.items()},
+        "naive_ops_total": naive.reported["ops_total"],
+        "models": per_model,
+    }
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = ["# Benchmarks (full dimensions, this machine)", ""]
+    lines += ["| model | stage | wall (s) | peak RSS (GB) | read (GB) |", "| --- | --- | --- | --- | --- |"]
+    for model, rows in summary["models"].items():
+        for name, row in rows.items():
+            read = row.get("read_gb", "")
+            lines.append(f"| {model} | {name} | {row['wall_s']} | {row['peak_rss_gb']} | {read} |")
+    lines += ["", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict)]
+    lines += ["", "| attention core | MIL ops | convert (s) |", "| --- | --- | --- |"]
+    lines += [
+        f"| {name} | {ops} | {summary['attention_convert_s'][name]} |" for name, ops in summary["attention_ops"].items()
+    ]
+    lines.append(f"| naive (transformers + jit.trace) | {summary['naive_ops_total']} | {summary['naive_convert_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    BENCH.mkdir(parents=True, exist_ok=True)
+    per_model = {model: model_benchmarks(model) for model in MODELS}
+    mini = "synthetic-mini"
+    extra = {
+        "naive": task("naive", "naive", mini, "--out", str(BENCH / "work" / "naive.mlpackage")),
+        "mil_forward": task("mil_forward", "mil_forward", mini),
+        "reference_forward": task("reference_forward", "reference_forward", mini),
+        "noop_repro": noop_repro(),
+    }
+    attention = {
+        core: task(f"attention_{core}", "attention", mini, "--attention", core, "--out",
+                   str(BENCH / "work" / core / "VoxtralEncoderMini.mlpackage")).row()
+        for core in ATTENTION_CORES
+    }  # fmt: skip
+    summary = summarize(per_model, extra, attention)
+    write_json_atomic(BENCH / "summary.json", summary)
+    write_text_atomic(BENCH / "summary.md", markdown(summary))
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()

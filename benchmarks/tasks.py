@@ -1,0 +1,116 @@
+"""Work the benchmark measures that is not a pipeline stage; each runs in its own process (`python -m ...`).
+
+Every task prints one JSON object on its last stdout line: what it measured from the inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxtral_coreml.convert import INPUT_NAME, OUTPUT_NAME
+from voxtral_coreml.extract import load_extracted
+from voxtral_coreml.paths import extracted_dir, package_dir, reference_file
+from voxtral_coreml.runner import configure_logging
+from voxtral_coreml.validate import find_package, load_reference
+
+
+def naive_convert(model: str, out: Path) -> dict:
+    """The baseline: transformers' modules, torch.jit.trace with a real forward, ct.convert to fp16."""
+    import coremltools as ct
+
+    from voxtral_coreml.reference import TransformersReference
+
+    weights, dims, _ = load_extracted(extracted_dir(model))
+    reference = TransformersReference(weights, dims)
+
+    class AudioFeatures(torch.nn.Module):  # get_audio_features as a traceable module
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = reference.model.model
+
+        def forward(self, mel: torch.Tensor) -> torch.Tensor:
+            return self.inner.get_audio_features(mel).pooler_output
+
+    mel = load_reference(reference_file(model))["mel"]
+    started = time.perf_counter()
+    traced = torch.jit.trace(AudioFeatures().eval(), (mel,), strict=False)
+    traced_s = time.perf_counter() - started
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(mel.shape), dtype=np.float32)],
+        outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT16,
+        minimum_deployment_target=ct.target.iOS16,
+        skip_model_load=True,
+    )
+    mlmodel.save(str(out))
+    ops = Counter(op.op_type for op in mlmodel._mil_program.functions["main"].operations if op.op_type != "const")
+    return {"trace_s": round(traced_s, 2), "ops_total": sum(ops.values())}
+
+
+def attention_variant(model: str, attention: str, out: Path) -> dict:
+    """Convert with one attention core: its op count (Neural Engine compile time grows with it)."""
+    from voxtral_coreml.convert import Recipe, convert_package
+
+    manifest = convert_package(
+        extracted_dir(model), out, Recipe("fp16", "fp16", "iOS16", 0.0), model_name=model, variant="Mini",
+        attention=attention,
+    )  # fmt: skip
+    return {"ops_total": manifest["ane"]["ops_total"], "ops": manifest["ane"]["ops"]}
+
+
+def mil_forward(model: str, recipe: str) -> dict:
+    """One window through the MIL runtime (load excluded)."""
+    from voxtral_coreml.milrun import load_package
+
+    package, _ = find_package(package_dir(model, recipe))
+    mil = load_package(package)
+    mel = load_reference(reference_file(model))["mel"].numpy()
+    started = time.perf_counter()
+    mil.predict({INPUT_NAME: mel})
+    return {"forward_s": round(time.perf_counter() - started, 3)}
+
+
+def reference_forward(model: str) -> dict:
+    """One window through transformers' get_audio_features in fp32 (load excluded)."""
+    from voxtral_coreml.reference import TransformersReference
+
+    weights, dims, _ = load_extracted(extracted_dir(model))
+    reference = TransformersReference(weights, dims)
+    mel = load_reference(reference_file(model))["mel"]
+    started = time.perf_counter()
+    reference.audio_embeddings(mel)
+    return {"forward_s": round(time.perf_counter() - started, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("task", choices=["naive", "attention", "mil_forward", "reference_forward"])
+    parser.add_argument("model")
+    parser.add_argument("--recipe", default="fp16")
+    parser.add_argument("--attention", default="fused_heads")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    configure_logging()
+    torch.set_grad_enabled(False)
+    if args.task == "naive":
+        result = naive_convert(args.model, args.out)
+    elif args.task == "attention":
+        result = attention_variant(args.model, args.attention, args.out)
+    elif args.task == "mil_forward":
+        result = mil_forward(args.model, args.recipe)
+    else:
+        result = reference_forward(args.model)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

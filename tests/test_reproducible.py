@@ -1,0 +1,130 @@
+"""Same model and recipe, same bytes: canonical packages, and a from-scratch rerun that leaves dvc.lock as it is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import DVC, GIT, REPO, clone, run, tree_digests, write_checkpoint
+from voxtral_coreml.canonical import (
+    CONVERSION_DATE_KEY,
+    PACKAGE_MANIFEST,
+    canonicalize_package,
+    item_identifier,
+)
+from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.package_info import SPEC_FILE
+
+PACKAGE = "VoxtralEncoderMini.mlpackage"
+WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights"
+
+
+@pytest.fixture(scope="module")
+def two_conversions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same checkpoint converted twice, each by its own process (protobuf map order and uuid4 vary there)."""
+    root = tmp_path_factory.mktemp("twice")
+    checkpoint = write_checkpoint(root / "checkpoint")
+    outs = (root / "first", root / "second")
+    for out in outs:
+        cmd = [
+            sys.executable,
+            "-m",
+            "voxtral_coreml.cli",
+            "convert",
+            "--checkpoint",
+            str(checkpoint),
+            "--variant",
+            "Mini",
+        ]
+        run([*cmd, "--out", str(out)], REPO)  # cwd REPO: this checkout's library, not an installed one
+    return outs
+
+
+def test_two_conversions_in_separate_processes_are_byte_identical(two_conversions: tuple[Path, Path]) -> None:
+    first, second = (tree_digests(out) for out in two_conversions)
+    assert first == second
+    assert sorted(first) == [
+        f"{PACKAGE}/Data/com.apple.CoreML/model.mlmodel",
+        f"{PACKAGE}/Data/com.apple.CoreML/weights/weight.bin",
+        f"{PACKAGE}/{PACKAGE_MANIFEST}",
+        "manifest.json",
+    ]  # no executorch_debug_handle_mapping.json
+
+
+def test_dvc_hashes_the_two_conversions_alike(two_conversions: tuple[Path, Path]) -> None:
+    root = two_conversions[0].parent
+    run([DVC, "init", "--no-scm", "-q"], root)
+    run([DVC, "add", *(out.name for out in two_conversions)], root)
+    hashes = [(root / f"{out.name}.dvc").read_text().split("md5: ")[1].split()[0] for out in two_conversions]
+    assert hashes[0] == hashes[1] and hashes[0].endswith(".dir")
+
+
+def test_the_canonical_package_is_what_core_ml_loads(two_conversions: tuple[Path, Path]) -> None:
+    import coremltools as ct
+    from coremltools import libmodelpackage
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    package = two_conversions[0] / PACKAGE
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    assert CONVERSION_DATE_KEY not in model.user_defined_metadata
+    assert model.user_defined_metadata["com.github.apple.coremltools.version"] == ct.__version__
+    spec = ct.utils.load_spec(str(package))
+    program = load(spec, spec.specificationVersion, str(package / WEIGHTS))
+    assert list(program.functions) == ["main"]
+
+    # Core ML's own package reader (coremltools ships the same C++ code): the root is the spec item.
+    assert libmodelpackage.ModelPackage.isValid(str(package))
+    reader = libmodelpackage.ModelPackage(str(package))
+    manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
+    assert reader.getRootModel().identifier() == manifest["rootModelIdentifier"]
+    assert Path(reader.getRootModel().path()) == package / SPEC_FILE
+    assert Path(reader.findItemByNameAuthor("weights", "com.apple.CoreML").path()) == package / WEIGHTS
+    for identifier, entry in manifest["itemInfoEntries"].items():
+        assert identifier == item_identifier(entry["path"], package / "Data")
+        assert uuid.UUID(identifier).version == 5
+
+
+def test_canonicalize_undoes_what_coremltools_varies(two_conversions: tuple[Path, Path], tmp_path: Path) -> None:
+    from coremltools.proto import Model_pb2
+
+    canonical = two_conversions[0] / PACKAGE
+    package = Path(shutil.copytree(canonical, tmp_path / PACKAGE))
+    # What a fresh save looks like: random item ids, a conversion date, the ExecuTorch debug mapping.
+    manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
+    renamed = {old: str(uuid.uuid4()) for old in manifest["itemInfoEntries"]}
+    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    (package / PACKAGE_MANIFEST).write_text(json.dumps(manifest))
+    spec = Model_pb2.Model.FromString((package / SPEC_FILE).read_bytes())
+    spec.description.metadata.userDefined[CONVERSION_DATE_KEY] = "2031-01-02"
+    (package / SPEC_FILE).write_bytes(spec.SerializeToString())
+    (package / "executorch_debug_handle_mapping.json").write_text('{"mapping": {"null": []}}')
+
+    canonicalize_package(package)
+    assert tree_digests(package) == tree_digests(canonical)
+    canonicalize_package(package)  # idempotent
+    assert tree_digests(package) == tree_digests(canonical)
+
+
+def test_a_package_without_a_valid_manifest_is_named(tmp_path: Path) -> None:
+    package = tmp_path / PACKAGE
+    package.mkdir()
+    (package / PACKAGE_MANIFEST).write_text('{"itemInfoEntries": {}, "rootModelIdentifier": "x"}')
+    with pytest.raises(VoxtralError, match=rf"{PACKAGE_MANIFEST}: rootModelIdentifier names no item") as err:
+        canonicalize_package(package)
+    assert str(package) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_fresh_clone_reruns_the_demo_to_the_same_dvc_lock(demo_repo: Path, tmp_path: Path) -> None:
+    """The proof of reproducibility: no cache, no artifacts, every stage rerun, and dvc.lock does not change."""
+    fresh = clone(demo_repo, tmp_path / "fresh")
+    result = run([DVC, "repro"], fresh)
+    assert "Running stage 'convert@demo-mini-fp16'" in result.stdout
+    assert "Running stage 'report'" in result.stdout
+    run([*GIT, "diff", "--exit-code", "dvc.lock"], fresh)
+    assert tree_digests(fresh / "artifacts") == tree_digests(demo_repo / "artifacts")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import VoxtralError
+from .mil_passes import pass_pipeline
 from .package_info import SPEC_VERSION
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ def weight_op_names(mlmodel: MLModel, model: torch.nn.Module, weight_threshold: 
 
     Matched by shape and direction, not by name: conversion folds q's scale into q_proj's weight and renames it
     (`mul_3_weight_0_to_fp16`), and names follow torch.export's node numbering. Works on compressed programs
-    once decompressed (`ct.optimize.coreml.decompress_weights`)."""
+    once decompressed (`decompress_mlmodel`)."""
     consts = {name: (v.shape, _direction(v)) for name, v in program_weights(mlmodel, weight_threshold).items()}
     names: dict[str, str] = {}
     for op, weight in compressible_weights(model, weight_threshold).items():
@@ -228,6 +229,38 @@ def _check_program_target(mlmodel: MLModel, recipe: Recipe) -> None:
         raise VoxtralError(f"recipe '{recipe.name}': {feature} needs a program converted for {target} or later")
 
 
+def _run_pass(mlmodel: MLModel, graph_pass, config=None) -> MLModel:
+    """What `ct.optimize.coreml.palettize_weights` and its siblings do, but re-converted with this project's pass
+    pipeline: theirs is coremltools' default, whose batch-norm fusion breaks the fp16 program (mil_passes.py)."""
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassOption
+    from coremltools.models.utils import _apply_graph_pass
+
+    if config is not None:
+        graph_pass.set_options([PassOption("config", config)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = _apply_graph_pass(mlmodel, graph_pass, return_pymil_prog=True)
+        spec = mlmodel.get_spec()
+        return mil_convert(
+            program,
+            convert_to="mlprogram",
+            convert_from="milinternal",
+            specification_version=spec.specificationVersion,
+            compute_units=mlmodel.compute_unit,
+            model_description=spec.description,
+            skip_model_load=True,  # loading compiles the model, which only macOS can do
+            pass_pipeline=pass_pipeline(),
+        )
+
+
+def decompress_mlmodel(mlmodel: MLModel) -> MLModel:
+    """The program with every constexpr weight turned back into a const: what a package's weights decode to."""
+    from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
+
+    return _run_pass(mlmodel, WeightDecompressor(op_selector=lambda op: True))
+
+
 def compress_mlmodel(
     mlmodel: MLModel, recipe: Recipe, bits_per_op: dict[str, int] | None = None
 ) -> tuple[MLModel, dict[str, Any]]:
@@ -236,6 +269,7 @@ def compress_mlmodel(
     `bits_per_op` (mixed only) maps Core ML const op names to bit widths; `weight_op_names` turns the sensitivity
     scan's module names into them."""
     import coremltools.optimize.coreml as cto
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
     info: dict[str, Any] = {
         "recipe": recipe.name,
@@ -255,10 +289,9 @@ def compress_mlmodel(
     bits = _bits_per_weight(recipe, weights, bits_per_op)
     # No global config: only the listed weights are touched (the positions table is a big const too).
     config = cto.OptimizationConfig(op_name_configs={name: _op_config(recipe, bits[name]) for name in weights})
-    apply = cto.linear_quantize_weights if recipe.kind == "linear" else cto.palettize_weights
-    with deterministic_kmeans(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compressed = apply(mlmodel, config)
+    graph_pass = "linear_quantize_weights" if recipe.kind == "linear" else "palettize_weights"
+    with deterministic_kmeans():
+        compressed = _run_pass(mlmodel, PASS_REGISTRY[f"compression::{graph_pass}"], config)
     left = program_weights(compressed, threshold)
     if left:
         # coremltools skips a weight it cannot split (a group or block size that does not divide it) with a warning.

@@ -24,6 +24,7 @@ from .compress import required_target, validate_params
 from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
+from .mil_passes import pass_pipeline
 from .model import VoxtralEncoderANE, build_ane_encoder
 from .package_info import ane_report
 
@@ -95,10 +96,6 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
 
     dims = model.dims
     exported = export_encoder(model)
-    pipeline = ct.PassPipeline.DEFAULT
-    # This pass writes fp32 mean/variance constants into the batch_norm it creates, which breaks an fp16 graph
-    # (coremltools 9.0); without it the LayerNorm affine stays a mul + add.
-    pipeline.remove_passes(["common::fuse_elementwise_to_batchnorm"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
         return ct.convert(
@@ -108,7 +105,7 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, target),
-            pass_pipeline=pipeline,
+            pass_pipeline=pass_pipeline(),
             skip_model_load=True,  # loading compiles the model, which only macOS can do
         )
 

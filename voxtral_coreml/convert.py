@@ -10,8 +10,9 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +20,11 @@ import torch
 from . import __version__
 from .atomic import atomic_path, write_json_atomic
 from .canonical import canonicalize_package
+from .compress import required_target, validate_params
 from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
+from .mil_passes import pass_pipeline
 from .model import VoxtralEncoderANE, build_ane_encoder
 from .package_info import ane_report
 
@@ -35,25 +38,37 @@ TARGETS = {"iOS16": ("16.0", "13.0"), "iOS17": ("17.0", "14.0"), "iOS18": ("18.0
 VARIANT_BY_HIDDEN_SIZE = {3072: "Mini", 5120: "Small"}
 
 
+COMMON_RECIPE_KEYS = ("kind", "min_target", "psnr_gate_db")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A compression recipe as configured in conf/recipe/ (fp16 needs nothing but the target)."""
+    """A compression recipe as configured in conf/recipe/: the keys every recipe has, and its kind's parameters
+    (compress.py's KIND_PARAMS says which; fp16 has none)."""
 
     name: str
     kind: str
     min_target: str
     psnr_gate_db: float
+    params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, name: str, cfg: dict) -> Recipe:
         try:
-            recipe = cls(name, str(cfg["kind"]), str(cfg["min_target"]), float(cfg["psnr_gate_db"]))
+            kind, min_target, gate = (cfg[k] for k in COMMON_RECIPE_KEYS)
         except KeyError as e:
             raise VoxtralError(f"recipe '{name}': missing key {e}") from None
+        params = {k: v for k, v in cfg.items() if k not in COMMON_RECIPE_KEYS}
+        recipe = cls(name, str(kind), str(min_target), float(gate), params)
         if recipe.min_target not in TARGETS:
             raise VoxtralError(f"recipe '{name}': unknown min_target {recipe.min_target!r}")
-        if recipe.kind != "fp16":
-            raise VoxtralError(f"recipe '{name}': unsupported kind {recipe.kind!r}")
+        validate_params(name, recipe.kind, params)
+        needed, feature = required_target(params)
+        if list(TARGETS).index(recipe.min_target) < list(TARGETS).index(needed):
+            raise VoxtralError(
+                f"recipe '{name}': {feature} needs min_target {needed} (macOS {TARGETS[needed][1]}) "
+                f"or later, got {recipe.min_target}"
+            )
         return recipe
 
 
@@ -81,10 +96,6 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
 
     dims = model.dims
     exported = export_encoder(model)
-    pipeline = ct.PassPipeline.DEFAULT
-    # This pass writes fp32 mean/variance constants into the batch_norm it creates, which breaks an fp16 graph
-    # (coremltools 9.0); without it the LayerNorm affine stays a mul + add.
-    pipeline.remove_passes(["common::fuse_elementwise_to_batchnorm"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
         return ct.convert(
@@ -94,7 +105,7 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, target),
-            pass_pipeline=pipeline,
+            pass_pipeline=pass_pipeline(),
             skip_model_load=True,  # loading compiles the model, which only macOS can do
         )
 
@@ -131,6 +142,8 @@ def convert_package(
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
+    if recipe.kind != "fp16":  # until compress_mlmodel is wired in here: never ship fp16 under another name
+        raise VoxtralError(f"recipe '{recipe.name}': the convert step does not apply {recipe.kind} compression yet")
     # fp16 from the start: the package stores fp16 anyway (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 would),
     # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight.
     weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)

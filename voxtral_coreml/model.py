@@ -116,12 +116,19 @@ class VoxtralEncoderANE(nn.Module):
         self.multi_modal_projector = Projector(dims)
 
     def forward(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
+        x = self.stem(mel_spectrogram)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+    # stem and head are methods so that a caller can run the encoder from any layer on (sensitivity.py).
+    def stem(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
         # [B, 128, 3000] -> (B, 128, 1, 3000), in the weights' dtype (fp16 when built for conversion)
         x = mel_spectrogram.unsqueeze(2).to(self.conv1.weight.dtype)
         x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x)) + self.embed_positions
-        for layer in self.layers:
-            x = layer(x)
+        return F.gelu(self.conv2(x)) + self.embed_positions
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         embeddings = self.multi_modal_projector(self.layer_norm(x))  # (B, H, 1, 375)
         return embeddings.squeeze(2).transpose(1, 2).float()  # [B, 375, H] float32: the Swift app's contract
 

@@ -58,7 +58,8 @@ def naive_convert(model: str, out: Path) -> dict:
 
 def attention_variant(model: str, attention: str, out: Path) -> dict:
     """Convert with one attention core: its op count (Neural Engine compile time grows with it)."""
-    from voxtral_coreml.convert import Recipe, convert_package
+    from voxtral_coreml.convert import convert_package
+    from voxtral_coreml.recipes import Recipe
 
     manifest = convert_package(
         extracted_dir(model), out, Recipe("fp16", "fp16", "iOS16", 0.0), model_name=model, variant="Mini",

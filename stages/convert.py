@@ -3,9 +3,11 @@
 import argparse
 
 from voxtral_coreml.atomic import atomic_path
-from voxtral_coreml.convert import Recipe, convert_package, package_name
+from voxtral_coreml.convert import convert_package, package_name
+from voxtral_coreml.layouts import read_json
 from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import extracted_dir, package_dir
+from voxtral_coreml.paths import extracted_dir, package_dir, sensitivity_file
+from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.runner import run
 
 
@@ -17,6 +19,7 @@ def main() -> None:
     params = load_params()
     recipe = Recipe.from_config(args.recipe, lookup(params, f"recipes.{args.recipe}"))
     variant = lookup(params, f"models.{args.model}.variant")
+    sensitivity = read_json(sensitivity_file(args.model, args.recipe)) if recipe.kind == "mixed" else None
     build = lookup(params, "build")
     with atomic_path(package_dir(args.model, args.recipe)) as staging:  # package + manifest, or nothing
         staging.mkdir()
@@ -28,6 +31,7 @@ def main() -> None:
             variant=variant,
             attention=build["attention"],
             query_chunk=build["query_chunk"],
+            sensitivity=sensitivity,
         )
 
 

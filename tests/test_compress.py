@@ -22,7 +22,7 @@ from voxtral_coreml.compress import (
     program_weights,
     weight_op_names,
 )
-from voxtral_coreml.convert import Recipe, convert_package, convert_to_mlprogram
+from voxtral_coreml.convert import convert_package, convert_to_mlprogram
 from voxtral_coreml.dims import WEIGHTS_FILE
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.extract import load_extracted
@@ -30,6 +30,7 @@ from voxtral_coreml.features import speech_mel
 from voxtral_coreml.metrics import psnr_db
 from voxtral_coreml.model import VoxtralEncoderANE, build_ane_encoder
 from voxtral_coreml.package_info import SPEC_VERSION, package_structure
+from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.safetensors_io import TensorSpec, write_safetensors
 from voxtral_coreml.sensitivity import (
     DEFAULT_FRAMES,

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_DIMS
-from voxtral_coreml.convert import MANIFEST, Recipe, convert_package, package_name
+from voxtral_coreml.convert import MANIFEST, convert_package, package_name
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.milrun import SUPPORTED_OPS, load_package, program_op_types
 from voxtral_coreml.package_info import SPEC_FILE
+from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.validate import compute_reference, validate_package
 
 FP16 = Recipe("fp16", "fp16", "iOS16", 50.0)

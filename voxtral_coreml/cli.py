@@ -33,8 +33,9 @@ def _extract_to(checkpoint: Path, layout: str, workdir: Path) -> Path:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .convert import Recipe, convert_package, infer_variant, package_name
+    from .convert import convert_package, infer_variant, package_name
     from .dims import EncoderDims, read_encoder_json
+    from .recipes import Recipe
 
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
     out = Path(args.out)

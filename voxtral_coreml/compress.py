@@ -29,7 +29,7 @@ from .package_info import SPEC_VERSION
 if TYPE_CHECKING:
     from coremltools.models import MLModel
 
-    from .convert import Recipe
+    from .recipes import Recipe
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,56 +18,22 @@ import torch
 from . import __version__
 from .atomic import atomic_path, write_json_atomic
 from .canonical import canonicalize_package
-from .compress import required_target, validate_params
+from .compress import compress_mlmodel
 from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
 from .mil_passes import pass_pipeline
 from .model import VoxtralEncoderANE, build_ane_encoder
 from .package_info import ane_report
+from .recipes import TARGETS, Recipe
+from .sensitivity import program_bits
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "mel_spectrogram"
 OUTPUT_NAME = "audio_embeddings"
 MANIFEST = "manifest.json"
-# Core ML deployment targets and the OS releases that run them.
-TARGETS = {"iOS16": ("16.0", "13.0"), "iOS17": ("17.0", "14.0"), "iOS18": ("18.0", "15.0")}
 VARIANT_BY_HIDDEN_SIZE = {3072: "Mini", 5120: "Small"}
-
-
-COMMON_RECIPE_KEYS = ("kind", "min_target", "psnr_gate_db")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A compression recipe as configured in conf/recipe/: the keys every recipe has, and its kind's parameters
-    (compress.py's KIND_PARAMS says which; fp16 has none)."""
-
-    name: str
-    kind: str
-    min_target: str
-    psnr_gate_db: float
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, name: str, cfg: dict) -> Recipe:
-        try:
-            kind, min_target, gate = (cfg[k] for k in COMMON_RECIPE_KEYS)
-        except KeyError as e:
-            raise VoxtralError(f"recipe '{name}': missing key {e}") from None
-        params = {k: v for k, v in cfg.items() if k not in COMMON_RECIPE_KEYS}
-        recipe = cls(name, str(kind), str(min_target), float(gate), params)
-        if recipe.min_target not in TARGETS:
-            raise VoxtralError(f"recipe '{name}': unknown min_target {recipe.min_target!r}")
-        validate_params(name, recipe.kind, params)
-        needed, feature = required_target(params)
-        if list(TARGETS).index(recipe.min_target) < list(TARGETS).index(needed):
-            raise VoxtralError(
-                f"recipe '{name}': {feature} needs min_target {needed} (macOS {TARGETS[needed][1]}) "
-                f"or later, got {recipe.min_target}"
-            )
-        return recipe
 
 
 def package_name(variant: str) -> str:
@@ -136,14 +100,17 @@ def convert_package(
     variant: str | None = None,
     attention: str = "split_heads",
     query_chunk: int = 256,
+    sensitivity: dict | None = None,
 ) -> dict:
-    """Write the `.mlpackage` at `package` and `manifest.json` beside it, each atomically (manifest last)."""
+    """Write the `.mlpackage` at `package` and `manifest.json` beside it, each atomically (manifest last).
+
+    `sensitivity` is the scan a `mixed` recipe chooses its bits from (sensitivity.scan_sensitivity)."""
     started = time.monotonic()
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
-    if recipe.kind != "fp16":  # until compress_mlmodel is wired in here: never ship fp16 under another name
-        raise VoxtralError(f"recipe '{recipe.name}': the convert step does not apply {recipe.kind} compression yet")
+    if recipe.kind == "mixed" and sensitivity is None:
+        raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
     # fp16 from the start: the package stores fp16 anyway (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 would),
     # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight.
     weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
@@ -151,7 +118,9 @@ def convert_package(
     model = build_ane_encoder(weights, dims, attention, query_chunk)
     log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
     mlmodel = convert_to_mlprogram(model, recipe.min_target)
+    bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
     del model, weights
+    mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
     mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
     mlmodel.version = __version__
     with atomic_path(package) as staging:
@@ -162,7 +131,8 @@ def convert_package(
         "package": package.name,
         "model": model_name,
         "variant": variant,
-        "recipe": {"name": recipe.name, "kind": recipe.kind},
+        "recipe": {"name": recipe.name, "kind": recipe.kind, "params": dict(recipe.params)},
+        "compression": {k: v for k, v in compression.items() if k not in ("recipe", "kind", "params")},
         **io_contract(dims),
         "deployment_target": {"coreml": recipe.min_target, "ios": ios, "macos": macos},
         "dims": dims.to_json(),

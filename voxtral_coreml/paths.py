@@ -23,6 +23,10 @@ def parity_file(model: str) -> Path:
     return ARTIFACTS / "reference" / model / "parity.json"
 
 
+def sensitivity_file(model: str, recipe: str) -> Path:
+    return ARTIFACTS / "sensitivity" / model / f"{recipe}.json"
+
+
 def package_dir(model: str, recipe: str) -> Path:
     return ARTIFACTS / "packages" / model / recipe
 

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .compress import average_bits, compressible_weights, palettized, weight_op_names
-from .convert import Recipe
 from .dims import POSITIONS_KEY
 from .errors import VoxtralError
 from .extract import load_extracted
 from .features import speech_mel
 from .metrics import PSNR_CAP_DB, psnr_db
 from .model import VoxtralEncoderANE, build_ane_encoder
+from .recipes import Recipe
 
 if TYPE_CHECKING:
     from coremltools.models import MLModel

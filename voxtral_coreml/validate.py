@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .backends import resolve_backend, run_package
-from .convert import MANIFEST, TARGETS, io_contract
+from .convert import MANIFEST, io_contract
 from .dims import EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
@@ -22,6 +22,7 @@ from .layouts import read_json
 from .metrics import compare_embeddings
 from .model import build_ane_encoder
 from .package_info import SPEC_VERSION, package_structure
+from .recipes import TARGETS
 from .reference import TransformersReference
 from .safetensors_io import TensorSpec, read_header, read_tensor, write_safetensors
 

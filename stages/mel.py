@@ -23,7 +23,8 @@ def main() -> None:
             staging, lookup(params, "validation.audio"), gate, backend=lookup(params, "validation.backend")
         )
     timings = metrics.pop("timings")  # they differ from run to run: DVC metrics hold what a rerun reproduces
-    print(f"mel/{args.precision}: PSNR {metrics['psnr_db']} dB vs WhisperFeatureExtractor, {metrics['backend']} {timings}")
+    psnr, backend = metrics["psnr_db"], metrics["backend"]
+    print(f"mel/{args.precision}: PSNR {psnr} dB vs WhisperFeatureExtractor ({backend}), {timings}")
     write_json_atomic(mel_metrics_file(args.precision), {"precision": args.precision, **metrics})
 
 

@@ -49,7 +49,7 @@ def test_70_s_of_speech_gives_transformers_embeddings(demo_repo: Path, demo_pack
 def test_without_out_it_prints_the_shape(demo_package: Path, tmp_path: Path) -> None:
     result = cli("encode", str(write_speech(tmp_path / "speech.wav", 10)), "--package", str(demo_package))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("audio_embeddings [375, 96] float32 from 10.0 s of audio (1 windows of 30 s)")
+    assert result.stdout.startswith("audio_embeddings [375, 96] float32 from 10.0 s of audio (1 window of 30 s)")
 
 
 def test_npy_and_safetensors_hold_the_same_embeddings(demo_package: Path, tmp_path: Path) -> None:

@@ -90,7 +90,8 @@ def summary(encoding: Encoding) -> str:
     e, n = encoding.embeddings, len(encoding.window_s)
     per_window = sum(encoding.window_s) / n
     return (
-        f"audio_embeddings {list(e.shape)} float32 from {encoding.seconds:.1f} s of audio ({n} windows of 30 s); "
+        f"audio_embeddings {list(e.shape)} float32 from {encoding.seconds:.1f} s of audio "
+        f"({n} window{'s' if n > 1 else ''} of 30 s); "
         f"mean {e.mean().item():.4g}, std {e.std().item():.4g}, min {e.min().item():.4g}, max {e.max().item():.4g}; "
         f"{encoding.backend}: load {encoding.load_s:.2f} s, {per_window:.2f} s per window"
     )

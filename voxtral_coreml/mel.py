@@ -3,9 +3,10 @@
 `VoxtralMelSpectrogram.mlpackage` takes `audio` float32 [1, 480000] and returns `mel_spectrogram` float32
 [1, 128, 3000], the encoder package's input, so an app can chain the two without an FFT of its own.
 The STFT is a strided convolution with fixed DFT kernels (Hann window folded in); the reflect padding of
-torch.stft(center=True) is a slice times a fixed exchange matrix, because MIL's `reverse` is the only
-other way to flip and nothing is gained by it. Its limit: the log floor (max - 8) is taken over the one
-window it sees, while VoxtralProcessor takes it over the whole clip (see `features.log_mel_windows`).
+torch.stft(center=True) is a slice times a fixed exchange matrix (a permutation: exact in fp16 as well, and
+no `reverse` op, which the MIL runtime lacks). Its limit: each window is computed alone. The log floor
+(max - 8) is this window's, and the edge frames read reflected samples, while VoxtralProcessor floors over
+the whole clip and runs one STFT across window boundaries (see `features.log_mel_windows`).
 """
 
 from __future__ import annotations

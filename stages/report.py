@@ -9,7 +9,7 @@ from voxtral_coreml.runner import run
 
 def main() -> None:
     pipeline = lookup(load_params(), "pipeline")
-    report = render_report(pipeline["models"], pipeline["recipes"])
+    report = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"])
     write_text_atomic(report_file(), report)
     print(report)
 

@@ -21,7 +21,7 @@ def main() -> None:
         float(lookup(params, f"recipes.{args.recipe}.psnr_gate_db")),
         backend=lookup(params, "validation.backend"),
     )
-    print(f"{args.model}/{args.recipe}: PSNR {metrics['psnr_db']} dB vs transformers ({metrics['backend']})")
+    print(f"{args.model}/{args.recipe}: PSNR {metrics['psnr_db']} dB vs transformers ({metrics['backend']}), {timings}")
     write_json_atomic(metrics_file(args.model, args.recipe), {"model": args.model, "recipe": args.recipe, **metrics})
     write_json_atomic(timings_file(args.model, args.recipe), timings)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -10,12 +11,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 from hub_server import HubServer
 from huggingface_hub import constants
 
 from voxtral_coreml.dims import EncoderDims
 from voxtral_coreml.extract import extract_audio_tower
+from voxtral_coreml.features import SAMPLE_RATE, builtin_speech_clip, load_audio
 from voxtral_coreml.synthetic import LanguageModelShape, write_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +54,25 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return run([str(BIN / "voxtral-coreml"), *args], cwd=cwd, check=False)
+    # `python -m`, not the venv's console script: that one imports wherever the editable install points.
+    return run([sys.executable, "-m", "voxtral_coreml.cli", *args], cwd=cwd, check=False)
+
+
+@functools.cache
+def _builtin_speech() -> np.ndarray:
+    return load_audio(builtin_speech_clip())
+
+
+def speech(seconds: float) -> np.ndarray:
+    """Real speech of any length at 16 kHz: the built-in 27 s clip, repeated as often as needed."""
+    clip, n = _builtin_speech(), round(seconds * SAMPLE_RATE)
+    return np.tile(clip, -(-n // len(clip)))[:n].copy()
+
+
+def write_speech(path: Path, seconds: float) -> Path:
+    """`speech(seconds)` as a float wav, so that reading it back gives the same samples."""
+    soundfile.write(path, speech(seconds), SAMPLE_RATE, subtype="FLOAT")
+    return path
 
 
 def write_checkpoint(root: Path, dims: EncoderDims = DEMO_DIMS, seed: int = 1) -> Path:

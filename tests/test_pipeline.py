@@ -33,6 +33,19 @@ def test_dvc_metrics_show_lists_every_package(demo_repo: Path) -> None:
         metrics = files[f"artifacts/metrics/{model}/fp16.json"]["data"]
         assert metrics["psnr_db"] >= metrics["gate_db"]
         assert {"psnr_db", "cosine_min", "max_abs_err", "size_bytes", "backend"} <= set(metrics)
+        assert "timings" not in metrics and "load_s" not in metrics  # not reproducible, so not DVC metrics
+    mel = files["artifacts/metrics/mel/fp32.json"]["data"]
+    assert mel["psnr_db"] >= mel["gate_db"] == 60.0 and mel["compute_precision"] == "fp32"
+
+
+def test_demo_builds_the_mel_front_end_once_for_all_models(demo_repo: Path) -> None:
+    folder = demo_repo / "artifacts" / "mel" / "fp32"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert sorted(p.name for p in folder.iterdir()) == ["VoxtralMelSpectrogram.mlpackage", MANIFEST]
+    assert manifest["outputs"] == [{"name": "mel_spectrogram", "shape": [1, 128, 3000], "dtype": "float32"}]
+    report = (demo_repo / "artifacts" / "report.md").read_text()
+    assert "## Mel front-end (`VoxtralMelSpectrogram.mlpackage`)" in report
+    assert "| fp32 | 0.9 | iOS16 | mil |" in report
 
 
 def test_second_repro_runs_nothing(demo_repo: Path) -> None:

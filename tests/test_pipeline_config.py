@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import DVC, REPO, copy_project, run
 from voxtral_coreml import paths
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.params import compose_params, load_params, lookup
@@ -56,4 +57,16 @@ def test_dvc_yaml_outputs_are_the_library_paths() -> None:
         for recipe in pipeline["recipes"]:
             assert outputs[f"convert@{model}-{recipe}"] == [str(paths.package_dir(model, recipe))]
             assert outputs[f"validate@{model}-{recipe}"] == [str(paths.metrics_file(model, recipe))]
+    for precision in pipeline["mel"]:
+        assert outputs[f"mel@{precision}"] == [
+            str(paths.mel_package_dir(precision)),
+            str(paths.mel_metrics_file(precision)),
+        ]
     assert outputs["report"] == [str(paths.report_file())]
+
+
+def test_an_empty_mel_list_leaves_the_mel_stage_out(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo")
+    run([sys.executable, "-m", "voxtral_coreml.params", "pipeline.mel=[]"], repo)
+    stages = run([DVC, "stage", "list", "--name-only"], repo).stdout.split()
+    assert "report" in stages and not any(stage.startswith("mel") for stage in stages)

@@ -19,6 +19,7 @@ from voxtral_coreml.canonical import (
 )
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.package_info import SPEC_FILE
+from voxtral_coreml.params import load_params
 
 PACKAGE = "VoxtralEncoderMini.mlpackage"
 WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights"
@@ -132,4 +133,6 @@ def test_a_fresh_clone_reruns_the_demo_to_the_same_dvc_lock(demo_repo: Path, tmp
         return {k: v for k, v in tree_digests(root / "artifacts").items() if not k.startswith("timings/")}
 
     assert outputs(fresh) == outputs(demo_repo)
-    assert set(tree_digests(fresh / "artifacts" / "timings")) == {"demo-mini/fp16.json", "demo-small/fp16.json"}
+    pipeline = load_params(fresh / "params.yaml")["pipeline"]
+    expected = {f"{model}/{recipe}.json" for model in pipeline["models"] for recipe in pipeline["recipes"]}
+    assert set(tree_digests(fresh / "artifacts" / "timings")) == expected

@@ -1,6 +1,7 @@
 """Running a package: the MIL runtime anywhere, Core ML itself on macOS.
 
-Each backend returns the package's `audio_embeddings` for one mel window and the timings it measured.
+`load_predictor` loads a package once for many calls (inputs and outputs by name, numpy arrays);
+`run_package` returns an encoder package's `audio_embeddings` for one mel window and the timings it measured.
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,25 +22,42 @@ from .errors import VoxtralError
 BACKENDS = ("auto", "mil", "coreml")
 COREML_TIMED_RUNS = 10  # predictions for the median latency on a device
 
+Predictor = Callable[[dict[str, np.ndarray]], dict[str, Any]]
 
-def resolve_backend(backend: str) -> str:
+
+def resolve_backend(backend: str, setting: str = "validation.backend") -> str:
+    """auto -> the platform's backend; `setting` names where the value came from, for the error."""
     if backend not in BACKENDS:
-        raise VoxtralError(f"validation.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise VoxtralError(f"{setting}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         return "coreml" if sys.platform == "darwin" else "mil"
     if backend == "coreml" and sys.platform != "darwin":
-        raise VoxtralError("validation.backend: coreml needs macOS; use mil (or auto) on this machine")
+        raise VoxtralError(f"{setting}: coreml needs macOS; use mil (or auto) on this machine")
     return backend
+
+
+def coreml_model(package: Path):  # pragma: no cover
+    """Core ML's model of the package, compiled for the Neural Engine (macOS only)."""
+    import coremltools as ct
+
+    return ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_AND_NE)
+
+
+def load_predictor(backend: str, package: Path) -> Predictor:
+    """The package's predict function: Core ML's, or its MIL program executed op by op with PyTorch kernels."""
+    if backend == "coreml":
+        return coreml_model(package).predict
+    from .milrun import load_package
+
+    return load_package(package).predict
 
 
 def run_mil(package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """The package's own MIL program, executed op by op with PyTorch kernels, fp16 results rounded to fp16."""
-    from .milrun import load_package
-
     started = time.perf_counter()
-    model = load_package(package)
+    predict = load_predictor("mil", package)
     loaded = time.perf_counter()
-    outputs = model.predict({INPUT_NAME: mel.numpy().astype(np.float32)})
+    outputs = predict({INPUT_NAME: mel.numpy().astype(np.float32)})
     finished = time.perf_counter()
     timings = {"load_s": round(loaded - started, 3), "predict_s": round(finished - loaded, 3)}
     return torch.from_numpy(np.asarray(outputs[OUTPUT_NAME], dtype=np.float32)), timings
@@ -45,10 +65,8 @@ def run_mil(package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, f
 
 def run_coreml(package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
     """Core ML on the Neural Engine (macOS only; not run in CI): embeddings, load and latency figures."""
-    import coremltools as ct
-
     started = time.perf_counter()
-    model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    model = coreml_model(package)
     first_load = time.perf_counter() - started
     inputs = {INPUT_NAME: mel.numpy().astype(np.float32)}
     embeddings = model.predict(inputs)[OUTPUT_NAME]

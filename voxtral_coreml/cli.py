@@ -100,6 +100,19 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  ops with rank > 4 tensors: {ane['ops_with_rank_over_4']}")
 
 
+def cmd_encode(args: argparse.Namespace) -> None:
+    from .encode import check_output_path, encode_audio, save_embeddings, summary
+
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_output_path(out)  # before the work, not after it
+    encoding = encode_audio(args.audio, args.package, backend=args.backend)
+    if out is not None:
+        save_embeddings(out, encoding.embeddings)
+        print(f"{out}: audio_embeddings {list(encoding.embeddings.shape)}")
+    print(summary(encoding))
+
+
 def cmd_publish(args: argparse.Namespace) -> None:
     from .publish import publish
 
@@ -137,6 +150,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("package")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("encode", help="audio of any length -> audio embeddings [N*375, H], one call per 30 s window")
+    e.add_argument("audio", help="an audio file (wav, flac, ...): averaged to mono, resampled to 16 kHz")
+    e.add_argument("--package", required=True, help="an encoder .mlpackage (manifest.json beside it)")
+    e.add_argument("--out", help="write the embeddings to FILE.npy or FILE.safetensors (default: print a summary)")
+    e.add_argument("--backend", default="auto", help="auto (Core ML on macOS, else mil) | mil | coreml")
+    e.set_defaults(func=cmd_encode)
 
     h = sub.add_parser("publish", help="upload the pipeline's packages to a Hugging Face model repo")
     h.add_argument("--repo", required=True, help="org/name on the Hub (token: HF_TOKEN or `hf auth login`)")

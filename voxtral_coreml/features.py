@@ -25,6 +25,8 @@ N_FFT = 400
 HOP_LENGTH = 160
 WINDOW_SAMPLES = MEL_FRAMES * HOP_LENGTH  # 480000: 30 s
 MIN_SAMPLES = N_FFT  # shorter than one FFT frame is not speech
+LOG_CLAMP = 1e-10  # mel power floor before log10
+LOG_RANGE = 8.0  # log-mel values below max - 8 are raised to it
 
 
 def builtin_speech_clip() -> Path:
@@ -76,6 +78,13 @@ def mel_filters() -> torch.Tensor:
     return torch.from_numpy(bank).float()
 
 
+def normalized_log_mel(mel_power: torch.Tensor) -> torch.Tensor:
+    """log10 of the mel power, floored at its maximum - 8 (over all of `mel_power`), scaled by (x + 4) / 4."""
+    log_spec = torch.clamp(mel_power, min=LOG_CLAMP).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax() - LOG_RANGE)
+    return (log_spec + 4.0) / 4.0
+
+
 def log_mel_windows(audio: np.ndarray) -> torch.Tensor:
     """Mono 16 kHz samples -> [N, 128, 3000] normalized log-mel windows."""
     n_windows = max(1, -(-len(audio) // WINDOW_SAMPLES))
@@ -84,9 +93,7 @@ def log_mel_windows(audio: np.ndarray) -> torch.Tensor:
     waveform = torch.from_numpy(padded)
     stft = torch.stft(waveform, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
     power = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as Whisper does
-    log_spec = torch.clamp(mel_filters().T @ power, min=1e-10).log10()
-    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)  # the floor: whole-clip maximum
-    log_spec = (log_spec + 4.0) / 4.0
+    log_spec = normalized_log_mel(mel_filters().T @ power)  # the floor: whole-clip maximum
     return log_spec.reshape(MEL_BINS, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
 
 

@@ -40,5 +40,14 @@ def timings_file(model: str, recipe: str) -> Path:
     return ARTIFACTS / "timings" / model / f"{recipe}.json"
 
 
+def mel_package_dir(precision: str) -> Path:
+    return ARTIFACTS / "mel" / precision
+
+
+def mel_metrics_file(precision: str) -> Path:
+    # Under metrics/, which the report depends on as a folder: building the mel package is what puts it there.
+    return ARTIFACTS / "metrics" / "mel" / f"{precision}.json"
+
+
 def report_file() -> Path:
     return ARTIFACTS / "report.md"

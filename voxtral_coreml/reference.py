@@ -1,17 +1,30 @@
-"""transformers' own Voxtral modules, loaded with the same weights: the numeric reference.
+"""transformers' own Voxtral feature extraction and modules, loaded with the same weights: the numeric reference.
 
-The reference goes through `VoxtralForConditionalGeneration.get_audio_features`, so the projector's frame
-grouping is transformers' code, not a copy of ours. The language model stays on the meta device: it is
-never allocated or run.
+Features come from WhisperFeatureExtractor configured as Voxtral's and called with VoxtralProcessor's own
+audio arguments. The embeddings go through `VoxtralForConditionalGeneration.get_audio_features`, so the
+projector's frame grouping is transformers' code, not a copy of ours. The language model stays on the meta
+device: it is never allocated or run.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from transformers import VoxtralConfig, VoxtralForConditionalGeneration
+from transformers import VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
 
 from .dims import POSITIONS_KEY, EncoderDims
 from .model import whisper_sinusoids
+from .synthetic import PREPROCESSOR_CONFIG
+
+
+def processor_features(audio: np.ndarray) -> torch.Tensor:
+    """Mono 16 kHz samples -> [N, 128, 3000], as VoxtralProcessor's `_retrieve_input_features` computes them."""
+    config = {k: v for k, v in PREPROCESSOR_CONFIG.items() if k != "feature_extractor_type"}
+    extractor = WhisperFeatureExtractor(**config)
+    kwargs = dict(VoxtralProcessor.audio_kwargs)  # pad to a multiple of 30 s, no truncation, torch tensors
+    frames = kwargs.pop("max_source_positions")
+    features = extractor(audio, **kwargs)["input_features"]
+    return features.reshape(extractor.feature_size, -1, frames).transpose(0, 1)
 
 
 def reference_config(dims: EncoderDims) -> VoxtralConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .layouts import read_json
-from .paths import metrics_file, parity_file
+from .paths import mel_metrics_file, metrics_file, parity_file
 
 
 def _row(cells: list[object]) -> str:
@@ -36,7 +36,30 @@ def parity_table(models: list[str]) -> list[str]:
     return lines
 
 
-def render_report(models: list[str], recipes: list[str]) -> str:
+def mel_section(precisions: list[str]) -> list[str]:
+    """The mel front-end packages, if the pipeline builds any."""
+    if not precisions:
+        return []
+    header = ["compute", "size (MB)", "target", "backend", "PSNR vs WhisperFeatureExtractor (dB)", "max abs err"]
+    header += ["gate (dB)"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for precision in precisions:
+        m = read_json(mel_metrics_file(precision))
+        size_mb = f"{m['size_bytes'] / 1e6:.1f}"
+        cells = [precision, size_mb, m["deployment_target"], m["backend"], m["psnr_db"], m["max_abs_err"], m["gate_db"]]
+        lines.append(_row(cells))
+    return [
+        "## Mel front-end (`VoxtralMelSpectrogram.mlpackage`)",
+        "",
+        "30 s of 16 kHz audio -> `mel_spectrogram [1,128,3000]`, on the speech clip's first 30 s. Its log floor is",
+        "per window: for clips over 30 s, VoxtralProcessor's (per clip) can differ.",
+        "",
+        *lines,
+        "",
+    ]
+
+
+def render_report(models: list[str], recipes: list[str], mel_precisions: list[str]) -> str:
     return "\n".join(
         [
             "# Voxtral Core ML encoder packages",
@@ -50,5 +73,6 @@ def render_report(models: list[str], recipes: list[str]) -> str:
             "",
             *parity_table(models),
             "",
+            *mel_section(mel_precisions),
         ]
     )

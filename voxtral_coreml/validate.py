@@ -65,9 +65,8 @@ def find_package(package_dir: Path) -> tuple[Path, dict]:
     return package, manifest
 
 
-def check_structure(package: Path, manifest: dict, structure: dict) -> None:
-    dims = EncoderDims.from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
-    contract = io_contract(dims)
+def check_structure(package: Path, manifest: dict, structure: dict, contract: dict) -> None:
+    """The package's I/O is the contract, and its spec version is its deployment target's."""
     for key in ("inputs", "outputs"):
         if structure[key] != contract[key]:
             raise VoxtralError(f"{package}: {key} are {structure[key]}, the contract is {contract[key]}")
@@ -93,7 +92,8 @@ def validate_package(
     depend on the machine and are kept apart."""
     package, manifest = find_package(Path(package_dir))
     structure = package_structure(package)
-    check_structure(package, manifest, structure)
+    dims = EncoderDims.from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
+    check_structure(package, manifest, structure, io_contract(dims))
     backend = resolve_backend(backend)
     log.info("validating %s with the %s backend", package, backend)
     embeddings, timings = run_package(backend, package, reference["mel"])

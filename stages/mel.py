@@ -1,0 +1,32 @@
+"""mel@<precision>: the mel front-end package into artifacts/mel/<precision>/, validated, with DVC metrics."""
+
+import argparse
+
+from voxtral_coreml.atomic import atomic_path, write_json_atomic
+from voxtral_coreml.mel import PACKAGE_NAME, convert_mel_package, validate_mel_package
+from voxtral_coreml.params import load_params, lookup
+from voxtral_coreml.paths import mel_metrics_file, mel_package_dir
+from voxtral_coreml.runner import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("precision")
+    args = parser.parse_args()
+    params = load_params()
+    gate = float(lookup(params, f"mel.psnr_gate_db.{args.precision}"))
+    # Package + manifest appear only once they pass the gate.
+    with atomic_path(mel_package_dir(args.precision)) as staging:
+        staging.mkdir()
+        convert_mel_package(staging / PACKAGE_NAME, args.precision, lookup(params, "mel.min_target"))
+        metrics = validate_mel_package(
+            staging, lookup(params, "validation.audio"), gate, backend=lookup(params, "validation.backend")
+        )
+    timings = metrics.pop("timings")  # they differ from run to run: DVC metrics hold what a rerun reproduces
+    psnr, backend = metrics["psnr_db"], metrics["backend"]
+    print(f"mel/{args.precision}: PSNR {psnr} dB vs WhisperFeatureExtractor ({backend}), {timings}")
+    write_json_atomic(mel_metrics_file(args.precision), {"precision": args.precision, **metrics})
+
+
+if __name__ == "__main__":
+    run(main)

@@ -53,10 +53,19 @@ def round_fp16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).to(torch.float32)
 
 
-def coercer(dtype: str, where: str) -> Coercer:
-    """The conversion that gives an op's result its declared dtype (fp16 results are rounded)."""
+def round_fp16_in_place(t: torch.Tensor) -> torch.Tensor:
+    """round_fp16 into t's own memory: for results no other tensor shares (it saves an allocation per op)."""
+    return t.copy_(t.to(torch.float16))
+
+
+def unchanged(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def coercer(dtype: str, where: str, rounding: Coercer = round_fp16) -> Coercer:
+    """The conversion that gives an op's result its declared dtype (fp16 results are rounded by `rounding`)."""
     if dtype == "fp16":
-        return round_fp16
+        return rounding
     storage = STORAGE.get(dtype)
     if storage is None:
         raise VoxtralError(f"{where}: MIL dtype {dtype!r} is not supported by the MIL runtime")

@@ -11,7 +11,7 @@ from voxtral_coreml.errors import VoxtralError
 
 from . import ops_constexpr, ops_elementwise, ops_nn, ops_tensor
 from .args import Kernel, OpArgs
-from .dtypes import Coercer, coercer, dtype_name, to_runtime
+from .dtypes import Coercer, coercer, dtype_name, round_fp16, round_fp16_in_place, to_runtime, unchanged
 
 KERNELS: dict[str, Kernel] = {
     **ops_elementwise.KERNELS,
@@ -23,6 +23,18 @@ SUPPORTED_OPS: frozenset[str] = frozenset({"const", *KERNELS})
 
 # A slot number, or several for a tuple input (concat's values, einsum's values).
 Ref = int | tuple[int, ...]
+
+# Ops that only move values: fed fp16 (already rounded) values, their results need no rounding (it is idempotent).
+MOVES_VALUES = frozenset(
+    {"reshape", "transpose", "expand_dims", "squeeze", "slice_by_index", "slice_by_size", "split", "concat",
+     "identity", "tile", "gather"}
+)  # fmt: skip
+# Ops whose kernels always allocate their result: it can be rounded in its own memory.
+FRESH_RESULTS = frozenset(
+    {"conv", "linear", "matmul", "einsum", "softmax", "gelu", "layer_norm", "batch_norm", "add", "sub", "mul",
+     "real_div", "pow", "rsqrt", "sqrt", "exp", "log", "erf", "tanh", "sigmoid", "silu", "relu", "clip", "abs",
+     "square", "inverse", "maximum", "minimum", "reduce_mean", "reduce_sum", "reduce_max", "reduce_min"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +144,7 @@ class Plan:
             kernel=kernel,
             inputs=tuple((name, self._ref(var)) for name, var in op.inputs.items()),
             outputs=tuple(self._new_slot(var) for var in op.outputs),
-            coercers=tuple(coercer(dtype_name(var.dtype), where) for var in op.outputs),
+            coercers=tuple(coercer(dtype_name(var.dtype), where, _rounding(op)) for var in op.outputs),
         )
         if all(slot in self._constant for _, ref in step.inputs for slot in _slots(ref)):
             self._fold(step, where)
@@ -181,3 +193,12 @@ class Plan:
 
 def _slots(ref: Ref) -> tuple[int, ...]:
     return (ref,) if isinstance(ref, int) else ref
+
+
+def _rounding(op: Operation) -> Coercer:
+    """How an fp16 result of `op` is rounded: not at all, in place, or into a new tensor."""
+    data = op.inputs.get("values", op.inputs.get("x"))
+    data_vars = data if isinstance(data, list | tuple) else [data]
+    if op.op_type in MOVES_VALUES and all(v is not None and dtype_name(v.dtype) == "fp16" for v in data_vars):
+        return unchanged
+    return round_fp16_in_place if op.op_type in FRESH_RESULTS else round_fp16

@@ -156,3 +156,8 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run([DVC, "repro"], repo)
     commit_all(repo, "dvc repro")  # as a user would, so that clones carry dvc.lock
     return repo
+
+
+def output_digests(repo: Path) -> dict[str, str]:
+    """tree_digests of a repo's DVC outputs: artifacts/ less timings/, which is machine-dependent and untracked."""
+    return {k: v for k, v in tree_digests(repo / "artifacts").items() if not k.startswith("timings/")}

@@ -129,9 +129,17 @@ def test_mixed_target_must_lie_within_the_candidates() -> None:
         recipe("mixed", candidate_bits=[4, 5])
 
 
-def test_convert_package_does_not_yet_ship_compressed_recipes(extracted: Path, tmp_path: Path) -> None:
-    with pytest.raises(VoxtralError, match="recipe 'pal4': the convert step does not apply palettize compression yet"):
-        convert_package(extracted, tmp_path / "x.mlpackage", recipe("pal4"), model_name="demo", variant="Mini")
+def test_convert_package_ships_the_recipe_and_records_it(extracted: Path, tmp_path: Path) -> None:
+    manifest = convert_package(extracted, tmp_path / "x.mlpackage", recipe("pal4"), model_name="demo", variant="Mini")
+    assert manifest["recipe"]["name"] == "pal4" and manifest["recipe"]["params"]["nbits"] == 4
+    assert set(manifest["compression"]["bits_per_op"].values()) == {4}
+    assert manifest["ane"]["ops"].get("constexpr_lut_to_dense", 0) > 0
+
+
+def test_mixed_needs_its_sensitivity_scan(extracted: Path, tmp_path: Path) -> None:
+    with pytest.raises(VoxtralError, match="recipe 'mixed': a mixed recipe needs its sensitivity scan"):
+        convert_package(extracted, tmp_path / "x.mlpackage", recipe("mixed"), model_name="demo", variant="Mini")
+    assert not (tmp_path / "x.mlpackage").exists()
 
 
 def test_missing_common_key_names_it() -> None:

@@ -14,6 +14,7 @@ from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 from conftest import clone, run, tree_digests
 from voxtral_coreml import __version__
 from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.params import load_params
 from voxtral_coreml.publish import (
     CARD,
     Entry,
@@ -27,9 +28,20 @@ from voxtral_coreml.publish import (
 
 REPO_ID = "voxtral-coreml/demo-encoders"
 TOKEN = "hf_publishTestToken0123456789"  # distinctive, to be searched for everywhere it must not be
-PACKAGES = {"Mini/fp16": "demo-mini", "Small/fp16": "demo-small"}
 COMMIT_SHA = "0123456789abcdef0123456789abcdef01234567"
 CLI = [sys.executable, "-m", "voxtral_coreml.cli"]  # run in demo_repo: its copy of this checkout's library
+
+
+@pytest.fixture(scope="module")
+def packages(demo_repo: Path) -> dict[str, tuple[str, str]]:
+    """Repository folder (<Variant>/<recipe>) -> (model, recipe), for every package of the demo pipeline."""
+    params = load_params(demo_repo / "params.yaml")
+    pipeline = params["pipeline"]
+    return {
+        f"{params['models'][model]['variant']}/{recipe}": (model, recipe)
+        for model in pipeline["models"]
+        for recipe in pipeline["recipes"]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +71,18 @@ def package_files(root: Path, folder: str) -> dict[str, str]:
     return {k: v for k, v in tree_digests(root).items() if k.startswith(f"{folder}/")}
 
 
-def test_the_repository_holds_each_package_with_its_manifest(assembled: Path, demo_repo: Path) -> None:
+def test_the_repository_holds_each_package_with_its_manifest(
+    assembled: Path, demo_repo: Path, packages: dict[str, tuple[str, str]]
+) -> None:
     files = set(tree_digests(assembled))
     assert CARD in files
-    for folder, model in PACKAGES.items():
+    for folder, (model, recipe) in packages.items():
         variant = folder.split("/")[0]
         assert f"{folder}/manifest.json" in files
         assert f"{folder}/VoxtralEncoder{variant}.mlpackage/Manifest.json" in files
-        built = tree_digests(demo_repo / "artifacts" / "packages" / model / "fp16")
+        built = tree_digests(demo_repo / "artifacts" / "packages" / model / recipe)
         assert {k.removeprefix(f"{folder}/"): v for k, v in package_files(assembled, folder).items()} == built
-    assert len(files) == 1 + sum(len(package_files(assembled, f)) for f in PACKAGES)
+    assert len(files) == 1 + sum(len(package_files(assembled, f)) for f in packages)
 
 
 def test_an_existing_folder_is_never_replaced(entries: list[Entry], assembled: Path) -> None:
@@ -91,7 +105,8 @@ def test_the_model_card(assembled: Path, entries: list[Entry]) -> None:
         row = f"| `{entry.repo_folder}/` | {entry.model} | [{shape}] |"
         assert row in text
         measured = f"| {m['psnr_db']} | {m['cosine_min']} | {m['max_abs_err']} | mil |"
-        assert f"| iOS 16.0 / macOS 13.0 (iOS16) {measured}" in text
+        target = entry.manifest["deployment_target"]
+        assert f"| iOS {target['ios']} / macOS {target['macos']} ({target['coreml']}) {measured}" in text
         assert f"- `{entry.repo_folder}/`: synthetic random weights (seed {entry.manifest['source']['seed']})" in text
     assert "Synthetic weights are not Voxtral's" in text
     assert "`mil`: this project's MIL runtime on Linux: the package's own program" in text

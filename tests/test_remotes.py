@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DVC, GIT, clone, run, tree_digests
+from conftest import DVC, GIT, clone, output_digests, run
 
 LOCAL_REMOTE = "voxtral-coreml-dvc-remote"  # .dvc/config: ../../<this>, i.e. beside the repository
 BUCKET = "voxtral-coreml"
@@ -95,7 +95,7 @@ def test_the_default_remote_is_a_directory_beside_the_repository(demo_repo: Path
 def test_pull_in_a_fresh_clone_restores_every_artifact(demo_repo: Path, remote: Remote, tmp_path: Path) -> None:
     repo = fresh_clone(demo_repo, tmp_path, remote)
     run([DVC, "pull"], repo)
-    assert tree_digests(repo / "artifacts") == tree_digests(demo_repo / "artifacts")  # packages, metrics, report
+    assert output_digests(repo) == output_digests(demo_repo)  # packages, metrics, report
     assert "Data and pipelines are up to date." in run([DVC, "status"], repo).stdout
 
 
@@ -103,7 +103,7 @@ def test_repro_pull_in_a_fresh_clone_runs_nothing(demo_repo: Path, remote: Remot
     repo = fresh_clone(demo_repo, tmp_path, remote)
     result = run([DVC, "repro", "--pull"], repo)
     assert "Running stage" not in result.stdout
-    assert tree_digests(repo / "artifacts") == tree_digests(demo_repo / "artifacts")
+    assert output_digests(repo) == output_digests(demo_repo)
     run([*GIT, "diff", "--exit-code"], repo)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DVC, GIT, REPO, clone, run, tree_digests, write_checkpoint
+from conftest import DVC, GIT, REPO, clone, output_digests, run, tree_digests, write_checkpoint
 from voxtral_coreml.canonical import (
     CONVERSION_DATE_KEY,
     PACKAGE_MANIFEST,
@@ -129,10 +129,7 @@ def test_a_fresh_clone_reruns_the_demo_to_the_same_dvc_lock(demo_repo: Path, tmp
     assert "Running stage 'report'" in result.stdout
     run([*GIT, "diff", "--exit-code", "dvc.lock"], fresh)
 
-    def outputs(root: Path) -> dict[str, str]:  # timings/ is machine-dependent by design: not a DVC output
-        return {k: v for k, v in tree_digests(root / "artifacts").items() if not k.startswith("timings/")}
-
-    assert outputs(fresh) == outputs(demo_repo)
+    assert output_digests(fresh) == output_digests(demo_repo)
     pipeline = load_params(fresh / "params.yaml")["pipeline"]
     expected = {f"{model}/{recipe}.json" for model in pipeline["models"] for recipe in pipeline["recipes"]}
     assert set(tree_digests(fresh / "artifacts" / "timings")) == expected

@@ -6,8 +6,8 @@ from voxtral_coreml.atomic import atomic_path, write_json_atomic
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import extracted_dir, parity_file, reference_file
+from voxtral_coreml.reference import compute_reference, save_reference
 from voxtral_coreml.runner import run
-from voxtral_coreml.validate import compute_reference, save_reference
 
 
 def main() -> None:

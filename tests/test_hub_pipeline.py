@@ -25,6 +25,8 @@ def _use_hub_models(project: Path, repos: dict[str, FakeRepo]) -> None:
         source = {"kind": "hub", "repo_id": repo.repo_id, "revision": repo.commit}
         params["models"][model] = {"variant": "Mini", "source": source}
     params["pipeline"]["models"] = list(repos)
+    params["pipeline"]["recipes"] = ["fp16"]  # the source is under test, not the recipes
+    params["pipeline"]["mel"] = []
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

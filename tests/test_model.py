@@ -15,9 +15,8 @@ from voxtral_coreml.extract import load_extracted
 from voxtral_coreml.features import speech_mel
 from voxtral_coreml.metrics import compare_embeddings
 from voxtral_coreml.model import build_ane_encoder, projector_conv_weight
-from voxtral_coreml.reference import TransformersReference
+from voxtral_coreml.reference import TransformersReference, compute_reference
 from voxtral_coreml.synthetic import audio_tensor
-from voxtral_coreml.validate import compute_reference
 
 PARITY_GATE_DB = 100.0
 

@@ -14,7 +14,8 @@ from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.milrun import SUPPORTED_OPS, load_package, program_op_types
 from voxtral_coreml.package_info import SPEC_FILE
 from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.validate import compute_reference, validate_package
+from voxtral_coreml.reference import compute_reference
+from voxtral_coreml.validate import validate_package
 
 FP16 = Recipe("fp16", "fp16", "iOS16", 50.0)
 WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"

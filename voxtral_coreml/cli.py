@@ -56,7 +56,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from .validate import compute_reference, find_package, validate_package
+    from .reference import compute_reference
+    from .validate import find_package, validate_package
 
     package, manifest = find_package(Path(args.package))
     gate = args.gate if args.gate is not None else float(recipe_config(manifest["recipe"]["name"])["psnr_gate_db"])

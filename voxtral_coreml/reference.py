@@ -8,13 +8,23 @@ device: it is never allocated or run.
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from transformers import VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
 
 from .dims import POSITIONS_KEY, EncoderDims
-from .model import whisper_sinusoids
+from .extract import load_extracted
+from .features import speech_mel
+from .metrics import compare_embeddings
+from .model import build_ane_encoder, whisper_sinusoids
+from .safetensors_io import TensorSpec, write_safetensors
 from .synthetic import PREPROCESSOR_CONFIG
+
+log = logging.getLogger(__name__)
 
 
 def processor_features(audio: np.ndarray) -> torch.Tensor:
@@ -78,3 +88,23 @@ class TransformersReference:
     def audio_embeddings(self, mel: torch.Tensor) -> torch.Tensor:
         """mel [N, 128, 3000] -> [N*375, H], exactly as Voxtral feeds the language model."""
         return self.model.get_audio_features(mel).pooler_output
+
+
+def compute_reference(
+    extracted_dir: str | os.PathLike[str], audio: str | os.PathLike[str] | None, attention: str, query_chunk: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """transformers' and the ANE module's embeddings (fp32) on one speech window, and their parity."""
+    weights, dims, _ = load_extracted(extracted_dir)
+    mel = speech_mel(audio)
+    log.info("reference: transformers forward (%d layers, d_model %d)", dims.n_layers, dims.d_model)
+    expected = TransformersReference(weights, dims).audio_embeddings(mel)
+    log.info("reference: ANE module forward")
+    with torch.inference_mode():
+        ane = build_ane_encoder(weights, dims, attention, query_chunk)(mel).reshape(expected.shape)
+    tensors = {"mel": mel.contiguous(), "transformers": expected.contiguous(), "ane_module": ane.contiguous()}
+    return tensors, compare_embeddings(expected, ane)
+
+
+def save_reference(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    write_safetensors(path, specs, lambda spec: tensors[spec.name])

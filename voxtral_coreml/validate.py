@@ -1,7 +1,7 @@
 """Check a package: its structure against the contract, and its embeddings against transformers.
 
-The reference (transformers' embeddings and the ANE module's, on one real-speech window) is computed once
-per model by the build stage; each package is then compared with it by the backend that can run it.
+The reference (transformers' embeddings and the ANE module's, on one real-speech window; reference.py) is
+computed once per model by the build stage; each package is then compared with it by the backend that can run it.
 """
 
 from __future__ import annotations
@@ -16,39 +16,15 @@ from .backends import resolve_backend, run_package
 from .convert import MANIFEST, io_contract
 from .dims import EncoderDims
 from .errors import VoxtralError
-from .extract import load_extracted
-from .features import speech_mel
 from .layouts import read_json
 from .metrics import compare_embeddings
-from .model import build_ane_encoder
 from .package_info import SPEC_VERSION, package_structure
 from .recipes import TARGETS
-from .reference import TransformersReference
-from .safetensors_io import TensorSpec, read_header, read_tensor, write_safetensors
+from .safetensors_io import read_header, read_tensor
 
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.safetensors"
-
-
-def compute_reference(
-    extracted_dir: str | os.PathLike[str], audio: str | os.PathLike[str] | None, attention: str, query_chunk: int
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """transformers' and the ANE module's embeddings (fp32) on one speech window, and their parity."""
-    weights, dims, _ = load_extracted(extracted_dir)
-    mel = speech_mel(audio)
-    log.info("reference: transformers forward (%d layers, d_model %d)", dims.n_layers, dims.d_model)
-    expected = TransformersReference(weights, dims).audio_embeddings(mel)
-    log.info("reference: ANE module forward")
-    with torch.inference_mode():
-        ane = build_ane_encoder(weights, dims, attention, query_chunk)(mel).reshape(expected.shape)
-    tensors = {"mel": mel.contiguous(), "transformers": expected.contiguous(), "ane_module": ane.contiguous()}
-    return tensors, compare_embeddings(expected, ane)
-
-
-def save_reference(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    write_safetensors(path, specs, lambda spec: tensors[spec.name])
 
 
 def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -46,8 +47,11 @@ def env_with_venv() -> dict[str, str]:
     }
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True)
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`cmd` with this checkout's interpreter and package (plus `env`), its output captured."""
+    result = subprocess.run(cmd, cwd=cwd, env={**env_with_venv(), **(env or {})}, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -97,6 +101,13 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     """A running local Hub, the client pointed at it, and an HF home/cache/token store under tmp_path."""
+    with local_hub(tmp_path, monkeypatch) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """The `hub` fixture's Hub and environment, for fixtures of any scope."""
     home = tmp_path / "hf_home"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))

@@ -54,7 +54,7 @@ def _read_manifest(package: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         has_root = manifest["rootModelIdentifier"] in manifest["itemInfoEntries"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise VoxtralError(f"{path}: not a Core ML package manifest ({type(e).__name__}: {e})") from None
     if not has_root:
         raise VoxtralError(f"{path}: rootModelIdentifier names no item")

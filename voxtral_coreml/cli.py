@@ -60,6 +60,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from .validate import find_package, validate_package
 
     package, manifest = find_package(Path(args.package))
+    if args.gate is None and "recipe" not in manifest:
+        raise VoxtralError(f"{package}: its manifest names no recipe to take the gate from; pass --gate")
     gate = args.gate if args.gate is not None else float(recipe_config(manifest["recipe"]["name"])["psnr_gate_db"])
     with tempfile.TemporaryDirectory(prefix=".voxtral-") as tmp:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
@@ -92,7 +94,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"  {io['name']}: {io['dtype']} {io['shape']}")
     target = manifest["deployment_target"]
     print(f"  deployment target: {target['coreml']} (iOS {target['ios']}, macOS {target['macos']})")
-    print(f"  recipe: {manifest['recipe']['name']}  size: {manifest['size_bytes'] / 1e6:.1f} MB")
+    recipe = manifest["recipe"]["name"] if "recipe" in manifest else "none"  # the mel front-end has none
+    print(f"  recipe: {recipe}  size: {manifest['size_bytes'] / 1e6:.1f} MB")
     print(f"  weights: {ane['weight_bytes'] / 1e6:.1f} MB  compute: {ane['gflops_per_window']} GFLOP per window")
     print(f"  ops: {ane['ops_total']} ({', '.join(f'{op} {n}' for op, n in ane['ops'].items())})")
     outside = ane["layout_ops_outside_attention"]

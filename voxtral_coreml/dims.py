@@ -61,7 +61,7 @@ class EncoderDims:
     def from_json(cls, data: dict[str, object], source: str) -> EncoderDims:
         try:
             return cls(**{k: int(data[k]) for k in cls.__dataclass_fields__ if k in data})  # type: ignore[call-overload]
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise VoxtralError(f"{source}: invalid encoder dimensions ({e})") from None
 
 
@@ -112,5 +112,5 @@ def read_encoder_json(extracted_dir: str | os.PathLike[str]) -> dict[str, object
         raise VoxtralError(f"{path}: not found (run the extract stage first)")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or syntax, a number past Python's limits, deep nesting
         raise VoxtralError(f"{path}: invalid JSON ({e})") from None

@@ -41,7 +41,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers
 from tqdm import tqdm
 
-from .atomic import atomic_path, remove_path, write_json_atomic
+from .atomic import atomic_path, disk_full_is_an_error, remove_path, write_json_atomic
 from .errors import VoxtralError
 from .ranges import ByteRange, RetryPolicy, download_range, merge_ranges, with_retries
 from .safetensors_io import TensorInfo, TensorSpec, encode_header, header_length, parse_header, read_header
@@ -53,7 +53,7 @@ SINGLE = "model.safetensors"
 CONSOLIDATED = "consolidated.safetensors"  # Mistral's layout, next to params.json
 DEFAULT_EXTRA_FILES = ("config.json", "preprocessor_config.json", "params.json")
 MERGE_GAP = 1 << 20  # reading 1 MiB costs less than another request's round trip
-CHUNK = 8 << 20  # disk write buffer: memory stays bounded whatever the shard size
+CHUNK = 8 << 20  # copy buffer: memory stays bounded whatever the shard size
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 DEFAULT_RETRY = RetryPolicy()
 LOGIN_HINT = "set HF_TOKEN or run `hf auth login` (formerly `huggingface-cli login`)"
@@ -226,7 +226,7 @@ def _read_weight_map(repo: _Repo, path: Path) -> dict[str, str]:
     label = repo.label(INDEX)
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise VoxtralError(f"{label}: not a safetensors index with a weight_map ({_first_line(e)})") from e
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -322,7 +322,12 @@ def _download_ranges(repo: _Repo, shards: list[_Shard], download_dir: Path, retr
     bar_options = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": not progress}
     with tqdm(total=total, initial=done, desc=repo.repo_id, **bar_options) as bar:
         for (shard, rng), part in zip(jobs, parts, strict=True):
-            with _hub_errors(repo.repo_id, repo.commit, repo.endpoint, shard.name):
+            with (
+                _hub_errors(repo.repo_id, repo.commit, repo.endpoint, shard.name),
+                disk_full_is_an_error(
+                    download_dir, "the bytes received so far are kept there: rerun to resume once there is room"
+                ),
+            ):
                 _download_part(repo, shard.name, rng, part, retry, on_bytes)
     return received
 
@@ -346,7 +351,7 @@ def _download_part(
 ) -> None:
     if part.exists() and part.stat().st_size > rng.size:
         part.unlink()  # longer than its range: not ours, start over
-    with open(part, "ab", buffering=CHUNK) as sink:  # append: continue after the bytes already there
+    with open(part, "ab") as sink:  # append: continue after the bytes already there
         download_range(repo.url(shard), build_hf_headers(), rng, sink, retry, repo.label(shard), on_bytes)
         sink.flush()
         os.fsync(sink.fileno())

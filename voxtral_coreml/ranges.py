@@ -143,12 +143,14 @@ def _stream_once(
         hf_raise_for_status(response)
         _check_partial_content(response, rng, source)
         received = 0
-        # No chunk_size: chunks are written as they arrive, so a drop loses nothing already received.
+        # No chunk_size: chunks are written as they arrive, and flushed, so neither a drop nor a killed
+        # process loses anything already received (the OS holds what was flushed).
         for chunk in response.iter_bytes():
             received += len(chunk)
             if received > rng.size:
                 raise VoxtralError(f"{source}: server sent more than the {rng.size} bytes asked")
             sink.write(chunk)
+            sink.flush()
             on_bytes(len(chunk))
     if received < rng.size:
         raise _Retryable(f"connection closed after {received} of {rng.size} bytes")

@@ -62,7 +62,7 @@ def parse_header(header_bytes: bytes, data_size: int, source: str) -> dict[str, 
     """Validate a safetensors JSON header; `data_size` is the byte count after the header."""
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or syntax, a number past Python's limits, deep nesting
         raise VoxtralError(f"{source}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise VoxtralError(f"{source}: safetensors header is not a JSON object")
@@ -81,14 +81,14 @@ def _parse_entry(name: str, entry: object, data_size: int, data_start: int, sour
     if not isinstance(entry, dict):
         raise VoxtralError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise VoxtralError(f"{where}: unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise VoxtralError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(_is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise VoxtralError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
@@ -99,6 +99,11 @@ def _parse_entry(name: str, entry: object, data_size: int, data_start: int, sour
     if end - begin != expected:
         raise VoxtralError(f"{where}: {end - begin} bytes for shape {shape} {dtype} (expected {expected})")
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(value: object) -> bool:
+    # JSON's true/false arrive as bools, which Python counts as ints.
+    return type(value) is int and value >= 0
 
 
 def _check_no_overlap(infos: Iterable[TensorInfo], source: str) -> None:

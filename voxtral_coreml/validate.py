@@ -31,13 +31,50 @@ def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return {name: read_tensor(path, info) for name, info in read_header(path).items()}
 
 
+def _is_io(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and isinstance(entry.get("dtype"), str)
+        and isinstance(entry.get("shape"), list)
+        and all(type(d) is int and d >= 0 for d in entry["shape"])
+    )
+
+
+def read_manifest(path: Path) -> dict:
+    """A package's manifest.json with every field its readers use checked: packages come from anywhere."""
+    manifest = read_json(path)
+    name = manifest.get("package")
+    # A plain name: the package must be beside its manifest, never somewhere a hostile manifest points to.
+    if not isinstance(name, str) or Path(name).name != name or "\\" in name or not name.endswith(".mlpackage"):
+        raise VoxtralError(f"{path}: 'package' is {name!r}, expected the name of an .mlpackage beside it")
+    for key in ("inputs", "outputs"):
+        if not isinstance(manifest.get(key), list) or not all(map(_is_io, manifest[key])):
+            raise VoxtralError(f"{path}: '{key}' must be a list of {{name, shape, dtype}} objects")
+    target = manifest.get("deployment_target")
+    if not isinstance(target, dict) or not isinstance(target.get("coreml"), str) or target["coreml"] not in TARGETS:
+        found = target.get("coreml") if isinstance(target, dict) else target
+        raise VoxtralError(f"{path}: unknown deployment target {found!r}; expected one of {', '.join(TARGETS)}")
+    if not all(isinstance(target.get(os_name), str) for os_name in ("ios", "macos")):
+        raise VoxtralError(f"{path}: deployment_target needs the 'ios' and 'macos' versions")
+    size = manifest.get("size_bytes")
+    if type(size) is not int or size < 0:
+        raise VoxtralError(f"{path}: 'size_bytes' is {size!r}, expected a byte count")
+    for key in ("dims", "recipe", "source"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise VoxtralError(f"{path}: '{key}' must be an object")
+    if "recipe" in manifest and not isinstance(manifest["recipe"].get("name"), str):
+        raise VoxtralError(f"{path}: 'recipe' has no name")
+    return manifest
+
+
 def find_package(package_dir: Path) -> tuple[Path, dict]:
     """A package folder (holding manifest.json) or the .mlpackage itself -> (package, manifest)."""
     folder = package_dir.parent if package_dir.suffix == ".mlpackage" else package_dir
-    manifest = read_json(folder / MANIFEST)
-    package = folder / str(manifest.get("package", ""))
+    manifest = read_manifest(folder / MANIFEST)
+    package = folder / manifest["package"]
     if not package.is_dir():
-        raise VoxtralError(f"{folder / MANIFEST}: names package '{manifest.get('package')}', which is missing")
+        raise VoxtralError(f"{folder / MANIFEST}: names package '{manifest['package']}', which is missing")
     return package, manifest
 
 
@@ -46,9 +83,7 @@ def check_structure(package: Path, manifest: dict, structure: dict, contract: di
     for key in ("inputs", "outputs"):
         if structure[key] != contract[key]:
             raise VoxtralError(f"{package}: {key} are {structure[key]}, the contract is {contract[key]}")
-    target = manifest.get("deployment_target", {}).get("coreml")
-    if target not in TARGETS:
-        raise VoxtralError(f"{package.parent / MANIFEST}: unknown deployment target {target!r}")
+    target = manifest["deployment_target"]["coreml"]  # read_manifest checked it
     if structure["spec_version"] != SPEC_VERSION[target]:
         raise VoxtralError(
             f"{package}: spec version {structure['spec_version']} does not match target {target} "

@@ -78,11 +78,15 @@ def read_json(path: Path) -> dict:
         raise VoxtralError(f"{path}: not found")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VoxtralError(f"{path}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or syntax, a number past Python's limits, deep nesting
+        raise VoxtralError(f"{path}: invalid JSON ({_first_line(e)})") from None
     if not isinstance(data, dict):
         raise VoxtralError(f"{path}: expected a JSON object")
     return data
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def safe_member(root: Path, name: object, source: Path) -> Path:

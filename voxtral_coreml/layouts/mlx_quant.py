@@ -65,7 +65,7 @@ def module_params(section: dict | None, module: str, config_path: Path) -> Quant
 
 def _choice(section: dict, key: str, allowed: tuple[int, ...], where: str) -> int:
     value = section.get(key)
-    if value not in allowed or isinstance(value, bool):
+    if type(value) is not int or value not in allowed:
         raise VoxtralError(f"{where}: '{key}' is {value!r}, expected one of {', '.join(map(str, allowed))}")
     return value
 

@@ -24,7 +24,7 @@ def _root_model_path(package: Path) -> Path:
         manifest = json.loads(manifest_path.read_text())
         entry = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
         return package / "Data" / entry["path"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise VoxtralError(f"{package}: unreadable Manifest.json ({exc})") from exc
 
 

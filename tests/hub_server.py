@@ -33,7 +33,7 @@ client's Xet path needs a CAS server; tests set HF_HUB_DISABLE_XET, which the cl
 
 Writes need a token in `write_tokens` (401 otherwise). Tests inspect `log` (one `Hit` per request),
 `bytes_sent(repo_id)` and `commits`, and inject faults: answer an error status, drop the connection after
-K body bytes, or stall T seconds before the body.
+K body bytes, or stall T seconds before the body (or after its first K bytes).
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ class HubServer:
     def drop_next(self, n: int, after_bytes: int, match: Callable[[Hit], bool] = ranged) -> None:
         self._add_fault(Fault("drop", n, match, after_bytes=after_bytes))
 
-    def stall_next(self, n: int, seconds: float, match: Callable[[Hit], bool] = ranged) -> None:
-        self._add_fault(Fault("stall", n, match, seconds=seconds))
+    def stall_next(self, n: int, seconds: float, match: Callable[[Hit], bool] = ranged, after_bytes: int = 0) -> None:
+        self._add_fault(Fault("stall", n, match, seconds=seconds, after_bytes=after_bytes))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -663,28 +663,34 @@ class _Handler(BaseHTTPRequestHandler):
         if not send_body:
             return
         limit = answer.length
-        if fault is not None and fault.kind == "stall":
-            self.wfile.flush()
+        if fault is not None and fault.kind == "stall":  # `after_bytes` of the body, then silence
+            self._write_body(answer, 0, min(limit, fault.after_bytes), hit)
             time.sleep(fault.seconds)
-        elif fault is not None and fault.kind == "drop":
+            self._write_body(answer, min(limit, fault.after_bytes), limit, hit)
+            return
+        if fault is not None and fault.kind == "drop":
             limit = min(limit, fault.after_bytes)
-        for chunk in _body_chunks(answer, limit):
-            self.wfile.write(chunk)
-            hit.bytes_sent += len(chunk)
-        self.wfile.flush()
+        self._write_body(answer, 0, limit, hit)
         if limit < answer.length:  # hang up mid-body: the client sees a short read
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
 
+    def _write_body(self, answer: _Answer, begin: int, end: int, hit: Hit) -> None:
+        for chunk in _body_chunks(answer, begin, end):
+            self.wfile.write(chunk)
+            hit.bytes_sent += len(chunk)
+        self.wfile.flush()
 
-def _body_chunks(answer: _Answer, limit: int, chunk: int = 1 << 16):
+
+def _body_chunks(answer: _Answer, begin: int, end: int, chunk: int = 1 << 16):
+    """The body's bytes [begin, end)."""
     if isinstance(answer.body, bytes):
-        yield answer.body[:limit]
+        yield answer.body[begin:end]
         return
     file, start, _ = answer.body
     with open(file, "rb") as f:
-        f.seek(start)
-        left = limit
+        f.seek(start + begin)
+        left = end - begin
         while left > 0 and (data := f.read(min(chunk, left))):
             yield data
             left -= len(data)

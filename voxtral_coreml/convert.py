@@ -6,17 +6,20 @@ time and memory low compared with torch.jit.trace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .atomic import atomic_path, write_json_atomic
+from .atomic import atomic_path, disk_full_is_an_error, shown_path, write_json_atomic
 from .canonical import canonicalize_package
 from .compress import compress_mlmodel
 from .dims import EncoderDims
@@ -74,6 +77,26 @@ def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
         )
 
 
+# How coremltools' C++ weight writer reports any failed write, a full disk among them (without the errno).
+COREMLTOOLS_WRITE_FAILURE = "[MIL FileWriter]"
+
+
+@contextlib.contextmanager
+def coremltools_writes(package: Path) -> Iterator[None]:
+    """coremltools writes a temporary package while it converts: a failed write there names `package`."""
+    with disk_full_is_an_error(package):
+        try:
+            yield
+        except RuntimeError as e:
+            if not str(e).startswith(COREMLTOOLS_WRITE_FAILURE):
+                raise
+            where = tempfile.gettempdir()
+            raise VoxtralError(
+                f"{shown_path(package)}: coremltools could not write the weights into {where}: is the disk full? ({e}); "
+                "nothing was written"
+            ) from e
+
+
 def io_contract(dims: EncoderDims) -> dict[str, list[dict[str, object]]]:
     return {
         "inputs": [{"name": INPUT_NAME, "shape": [1, dims.n_mels, dims.mel_frames], "dtype": "float32"}],
@@ -117,10 +140,11 @@ def convert_package(
     variant = variant or infer_variant(dims)
     model = build_ane_encoder(weights, dims, attention, query_chunk)
     log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
-    mlmodel = convert_to_mlprogram(model, recipe.min_target)
-    bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
-    del model, weights
-    mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
+    with coremltools_writes(package):
+        mlmodel = convert_to_mlprogram(model, recipe.min_target)
+        bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
+        del model, weights
+        mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
     mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
     mlmodel.version = __version__
     with atomic_path(package) as staging:

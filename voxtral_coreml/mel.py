@@ -27,7 +27,7 @@ from .atomic import atomic_path, write_json_atomic
 from .backends import load_predictor, resolve_backend
 from .canonical import canonicalize_package
 from .convert import INPUT_NAME as MEL_NAME
-from .convert import MANIFEST, TARGETS, tree_size, versions
+from .convert import MANIFEST, TARGETS, coremltools_writes, tree_size, versions
 from .dims import MEL_BINS, MEL_FRAMES
 from .errors import VoxtralError
 from .features import (
@@ -129,7 +129,8 @@ def convert_mel_package(package: str | os.PathLike[str], precision: str, target:
         raise VoxtralError(f"mel compute precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if target not in TARGETS:
         raise VoxtralError(f"mel deployment target {target!r}: choose one of {', '.join(TARGETS)}")
-    mlmodel = convert_mel(precision, target)
+    with coremltools_writes(package):
+        mlmodel = convert_mel(precision, target)
     mlmodel.short_description = f"Voxtral log-mel front-end: 30 s of 16 kHz audio -> [1,128,3000] ({precision})"
     mlmodel.version = __version__
     with atomic_path(package) as staging:

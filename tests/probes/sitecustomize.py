@@ -6,7 +6,8 @@ Python imports `sitecustomize` at startup; tests put this folder on PYTHONPATH a
   numpy.load(allow_pickle=True) appends a JSON line (what, the process's argv, the caller) to FILE, and so
   does each probed process when it exits ("probed"), to show the probe was there.
 - VOXTRAL_PROBE_PAUSE_AT=module:function and VOXTRAL_PROBE_PAUSE_MARKER=FILE: the first call of that function
-  creates FILE and sleeps, so a test can SIGKILL the process at exactly that point of its work.
+  (or its Nth, with VOXTRAL_PROBE_PAUSE_CALL=N) creates FILE and sleeps, so a test can SIGKILL the process at
+  exactly that point of its work.
 
 Nothing happens without these variables: the probes only wrap functions, never change what they return.
 """
@@ -95,16 +96,20 @@ def _log_unpickling(log: str) -> None:
     atexit.register(record, "probed")
 
 
-def _pause_at(target: str, marker: str) -> None:
+def _pause_at(target: str, marker: str, call: int) -> None:
     module_name, function_name = target.split(":")
+    calls = 0
 
     def patch(module: ModuleType) -> None:
         function = getattr(module, function_name)
 
         def paused(*args, **kwargs):  # type: ignore[no-untyped-def]
-            with open(marker, "w") as f:
-                f.write(str(os.getpid()))
-            time.sleep(PAUSE_SECONDS)
+            nonlocal calls
+            calls += 1
+            if calls == call:
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+                time.sleep(PAUSE_SECONDS)
             return function(*args, **kwargs)
 
         setattr(module, function_name, paused)
@@ -115,4 +120,8 @@ def _pause_at(target: str, marker: str) -> None:
 if os.environ.get("VOXTRAL_PROBE_UNPICKLE_LOG"):
     _log_unpickling(os.environ["VOXTRAL_PROBE_UNPICKLE_LOG"])
 if os.environ.get("VOXTRAL_PROBE_PAUSE_AT"):
-    _pause_at(os.environ["VOXTRAL_PROBE_PAUSE_AT"], os.environ["VOXTRAL_PROBE_PAUSE_MARKER"])
+    _pause_at(
+        os.environ["VOXTRAL_PROBE_PAUSE_AT"],
+        os.environ["VOXTRAL_PROBE_PAUSE_MARKER"],
+        int(os.environ.get("VOXTRAL_PROBE_PAUSE_CALL", "1")),
+    )

@@ -92,7 +92,8 @@ def coremltools_writes(package: Path) -> Iterator[None]:
                 raise
             where = tempfile.gettempdir()
             raise VoxtralError(
-                f"{shown_path(package)}: coremltools could not write the weights into {where}: is the disk full? ({e}); "
+                f"{shown_path(package)}: coremltools could not write the weights into {where}: is the disk full? "
+                f"({e}); "
                 "nothing was written"
             ) from e
 

@@ -372,7 +372,7 @@ def _write_model(path: Path, shards: list[_Shard], download_dir: Path) -> None:
                 with open(source, "rb") as f:
                     for t in members:
                         f.seek(t.begin - base)
-                        _copy_exact(f, out, t.nbytes, f"{shard.name}: tensor '{t.name}'")
+                        _copy_exact(f, out, t.nbytes, f"{shard.name}: tensor {t.name!r}")
     written = read_header(path)
     tensor_bytes = sum(spec.nbytes for spec in specs)
     layout = [(i.name, i.torch_dtype, i.shape) for i in written.values()]
@@ -393,7 +393,7 @@ def _group_by_range(shard: _Shard) -> Iterator[tuple[ByteRange, list[TensorInfo]
         yield rng, members
     for t in [pending, *tensors]:
         if t is not None and t.nbytes:
-            raise VoxtralError(f"{shard.name}: tensor '{t.name}' lies outside the fetched ranges")
+            raise VoxtralError(f"{shard.name}: tensor {t.name!r} lies outside the fetched ranges")
 
 
 def _copy_exact(src: BinaryIO, dst: BinaryIO, n: int, what: str) -> None:

@@ -77,7 +77,7 @@ def parse_header(header_bytes: bytes, data_size: int, source: str) -> dict[str, 
 
 
 def _parse_entry(name: str, entry: object, data_size: int, data_start: int, source: str) -> TensorInfo:
-    where = f"{source}: tensor '{name}'"
+    where = f"{source}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise VoxtralError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -110,7 +110,7 @@ def _check_no_overlap(infos: Iterable[TensorInfo], source: str) -> None:
     previous: TensorInfo | None = None
     for info in sorted(infos, key=lambda t: (t.begin, t.end)):
         if previous is not None and info.begin < previous.end and info.nbytes and previous.nbytes:
-            raise VoxtralError(f"{source}: tensors '{previous.name}' and '{info.name}' overlap")
+            raise VoxtralError(f"{source}: tensors {previous.name!r} and {info.name!r} overlap")
         previous = info
 
 
@@ -141,7 +141,7 @@ def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> torch.Tensor:
     with open(path, "rb") as f:
         f.seek(info.begin)
         if f.readinto(buf) != info.nbytes:
-            raise VoxtralError(f"{path}: tensor '{info.name}' is truncated")
+            raise VoxtralError(f"{path}: tensor {info.name!r} is truncated")
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
@@ -195,7 +195,7 @@ def write_safetensors(
             tensor = produce(spec)
             if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
                 raise VoxtralError(
-                    f"{path}: tensor '{spec.name}' is {tensor.dtype} {tuple(tensor.shape)}, "
+                    f"{path}: tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                     f"expected {spec.dtype} {spec.shape}"
                 )
             f.write(tensor_bytes(tensor))

@@ -23,9 +23,13 @@ def _root_model_path(package: Path) -> Path:
     try:
         manifest = json.loads(manifest_path.read_text())
         entry = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
-        return package / "Data" / entry["path"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        item = entry["path"]
+    except (OSError, ValueError, LookupError, TypeError, RecursionError) as exc:  # LookupError: a list indexed
         raise VoxtralError(f"{package}: unreadable Manifest.json ({exc})") from exc
+    # Packages come from anywhere: the spec read must be inside this one, wherever its manifest points.
+    if not isinstance(item, str) or not item or item.startswith("/") or "\\" in item or ".." in Path(item).parts:
+        raise VoxtralError(f"{manifest_path}: refusing root model path {item!r} (it must stay inside the package)")
+    return package / "Data" / item
 
 
 def read_package(path: str | Path) -> LoadedPackage:

@@ -74,18 +74,33 @@ def _rewrite_tensor(checkpoint: Path, name: str, change) -> None:
     shard.write_bytes(bytes(data))
 
 
-def _drop_tensor(checkpoint: Path, name: str) -> None:
-    index_path = checkpoint / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shard = checkpoint / index["weight_map"].pop(name)
-    index_path.write_text(json.dumps(index))
+def _rewrite_header(checkpoint: Path, name: str, change) -> None:
+    """Apply change(header) to the header of the shard holding `name`, keeping the header's length."""
+    shard = checkpoint / json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"][name]
     raw = shard.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
-    del header[name]  # its bytes stay, unreferenced: the file is still valid
+    change(header)
     new = json.dumps(header, separators=(",", ":")).encode()
-    new += b" " * (n - len(new))
-    shard.write_bytes(raw[:8] + new + raw[8 + n :])
+    assert len(new) <= n
+    shard.write_bytes(raw[:8] + new + b" " * (n - len(new)) + raw[8 + n :])
+
+
+def _recast_to_integers(checkpoint: Path, name: str) -> None:
+    """The same bytes declared as integers of the same width."""
+
+    def recast(header: dict) -> None:
+        header[name]["dtype"] = {"BF16": "I16", "F16": "I16", "F32": "I32"}[header[name]["dtype"]]
+
+    _rewrite_header(checkpoint, name, recast)
+
+
+def _drop_tensor(checkpoint: Path, name: str) -> None:
+    index_path = checkpoint / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    _rewrite_header(checkpoint, name, lambda header: header.pop(name))  # its bytes stay, unreferenced: still valid
+    index["weight_map"].pop(name)
+    index_path.write_text(json.dumps(index))
 
 
 def _use_config_of(checkpoint: Path, dims: EncoderDims) -> None:
@@ -96,6 +111,18 @@ def _use_config_of(checkpoint: Path, dims: EncoderDims) -> None:
 
 
 ROW_3 = torch.tensor([3])
+SMALL_DIMS = EncoderDims(64, 2, 4, 256, hidden_size=160)  # demo-small's projector width with demo-mini's tower
+
+
+def _small_weights_with_minis_config(checkpoint: Path) -> None:
+    """A Small checkpoint's weights under a Mini checkpoint's config.json."""
+    config = (checkpoint / "config.json").read_bytes()
+    for path in checkpoint.iterdir():
+        path.unlink()
+    write_checkpoint(checkpoint, SMALL_DIMS)
+    (checkpoint / "config.json").write_bytes(config)
+
+
 BAD_CHECKPOINTS = {
     "missing tensor": (
         lambda c: _drop_tensor(c, "audio_tower.layers.1.fc2.bias"),
@@ -112,6 +139,18 @@ BAD_CHECKPOINTS = {
     "NaN weight": (
         lambda c: _rewrite_tensor(c, "audio_tower.layers.0.fc1.weight", lambda t: t.index_fill(0, ROW_3, float("nan"))),
         "'audio_tower.layers.0.fc1.weight' contains NaN or Inf",
+    ),
+    "Inf weight": (
+        lambda c: _rewrite_tensor(c, "audio_tower.conv1.bias", lambda t: t.index_fill(0, ROW_3, float("inf"))),
+        "'audio_tower.conv1.bias' contains NaN or Inf",
+    ),
+    "integer weights": (
+        lambda c: _recast_to_integers(c, "audio_tower.layers.0.fc2.bias"),
+        r"'audio_tower.layers.0.fc2.bias' has dtype torch.int(16|32), expected a float",
+    ),
+    "Small weights with Mini's config": (
+        _small_weights_with_minis_config,
+        r"'multi_modal_projector.linear_1.weight' has shape \[160, 256\], the config implies \[96, 256\]",
     ),
     "corrupted header": (
         lambda c: (c / "model-00002-of-00003.safetensors").write_bytes(b"\xff" * 64),

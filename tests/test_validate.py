@@ -130,3 +130,22 @@ def test_ane_report_counts_flops_and_finds_no_stray_layout_ops(package_and_refer
     assert report["fp32_ops"] == {"cast": 1}  # the output cast back to float32; everything else is fp16
     assert report["ops_with_rank_over_4"] == 0
     assert report["weight_bytes"] > 0
+
+
+def test_a_package_without_its_weights_is_named(package_and_reference, tmp_path: Path) -> None:
+    folder, reference = package_and_reference
+    copy, package = _copy(folder, tmp_path)
+    (package / WEIGHTS).unlink()
+    with pytest.raises(VoxtralError, match=rf"{package}: cannot rebuild the MIL program .*weight\.bin") as err:
+        validate_package(copy, reference, FP16.psnr_gate_db, backend="mil")
+    assert "\n" not in str(err.value)
+
+
+def test_a_truncated_spec_is_named(package_and_reference, tmp_path: Path) -> None:
+    folder, reference = package_and_reference
+    copy, package = _copy(folder, tmp_path)
+    spec = package / SPEC_FILE
+    spec.write_bytes(spec.read_bytes()[: spec.stat().st_size // 2])
+    with pytest.raises(VoxtralError, match=rf"{package}: the model spec cannot be read") as err:
+        validate_package(copy, reference, FP16.psnr_gate_db, backend="mil")
+    assert "\n" not in str(err.value)

@@ -51,3 +51,12 @@ def mel_metrics_file(precision: str) -> Path:
 
 def report_file() -> Path:
     return ARTIFACTS / "report.md"
+
+
+def sweeps_dir() -> Path:
+    """stages/sweep.py's results and caches (voxtral_coreml/sweep.py): outside DVC, shared by every sweep."""
+    return ARTIFACTS / "sweeps"
+
+
+def sweep_results_dir() -> Path:
+    return sweeps_dir() / "results"

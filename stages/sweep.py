@@ -6,6 +6,7 @@ Not a DVC stage: conf/sweep.yaml composes one job (a model and a recipe from con
 conf/conversion.yaml); Hydra's launchers run the jobs one by one, in parallel (local) or on SLURM (slurm).
 """
 
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from voxtral_coreml.sweep import SweepJob, run_job
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
     configure_logging()  # Hydra set up the handlers; this quiets coremltools' and torch's per-op lines
+    if multiprocessing.get_start_method(allow_none=True) not in multiprocessing.get_all_start_methods():
+        # A joblib (loky) worker's default is "loky", which the processes it spawns (the mixed scan's k-means
+        # workers) re-apply on start-up and cannot resolve.
+        multiprocessing.set_start_method("spawn", force=True)
     hydra_cfg = HydraConfig.get()
     try:
         job = SweepJob.from_config(

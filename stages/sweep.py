@@ -4,6 +4,7 @@
 
 Not a DVC stage: conf/sweep.yaml composes one job (a model and a recipe from conf/'s groups, and
 conf/conversion.yaml); Hydra's launchers run the jobs one by one, in parallel (local) or on SLURM (slurm).
+When they are done, artifacts/sweeps/report.md and tradeoff.png show size vs PSNR over every result so far.
 """
 
 import multiprocessing
@@ -13,10 +14,13 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import sweeps_dir
+from voxtral_coreml.report import write_sweeps_report
 from voxtral_coreml.runner import configure_logging
 from voxtral_coreml.sweep import SweepJob, run_job
 
@@ -38,6 +42,21 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     except VoxtralError as e:
         # Hydra prints a CompactHydraException as its message alone: one line, like every other entry point.
         raise CompactHydraException(f"error: {e}") from None
+
+
+class SweepsReport(Callback):
+    """conf/sweep.yaml's hydra.callbacks: the sweeps' report, re-rendered once the jobs are done (on the machine
+    that launched them, whichever launcher ran them)."""
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._render()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._render()
+
+    @staticmethod
+    def _render() -> None:
+        write_sweeps_report(lookup(load_params(), "pipeline"))  # the pipeline's packages join the chart
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voxtral_coreml.atomic import write_json_atomic, write_text_atomic
+from voxtral_coreml.atomic import remove_path, write_json_atomic, write_text_atomic
 from voxtral_coreml.attention import ATTENTION_CORES
 from voxtral_coreml.convert import tree_size
 from voxtral_coreml.paths import ARTIFACTS, checkpoint_dir, extracted_dir, package_dir
@@ -23,7 +23,8 @@ from voxtral_coreml.paths import ARTIFACTS, checkpoint_dir, extracted_dir, packa
 BENCH = ARTIFACTS / "bench"
 MODELS = ("synthetic-mini", "synthetic-small")
 STAGES = ("download", "extract", "build")
-RECIPES = ("fp16",)
+# mixed is left out: its sensitivity scan at full size takes about 1.5 hours on 2 cores (README, Compression).
+RECIPES = {"synthetic-mini": ("fp16", "int8", "pal6", "pal4g"), "synthetic-small": ("fp16",)}
 GB = 1024**3
 
 
@@ -76,10 +77,10 @@ def model_benchmarks(model: str) -> dict[str, dict]:
     rows = {stage_name: stage(stage_name, model).row() for stage_name in STAGES}
     rows["download"]["checkpoint_gb"] = gb(checkpoint_dir(model))
     rows["extract"]["extracted_gb"] = gb(extracted_dir(model))
-    for recipe in RECIPES:
+    for recipe in RECIPES[model]:
         rows[f"convert_{recipe}"] = stage("convert", model, recipe).row()
         rows[f"convert_{recipe}"]["package_gb"] = gb(package_dir(model, recipe))
-        rows[f"validate_{recipe}"] = stage("validate", model, recipe).row()
+        rows[f"validate_{recipe}"] = task(f"validate/{model}-{recipe}", "validate", model, "--recipe", recipe).row()
     return rows
 
 
@@ -92,6 +93,7 @@ def noop_repro() -> Measurement:
 def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attention: dict[str, dict]) -> dict:
     mini = per_model["synthetic-mini"]
     naive = extra["naive"]
+    fp16_gb = mini["convert_fp16"]["package_gb"]
     summary = {
         "convert_fp16_s": mini["convert_fp16"]["wall_s"],
         "convert_fp16_peak_rss_gb": mini["convert_fp16"]["peak_rss_gb"],
@@ -109,6 +111,11 @@ def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attenti
         "attention_ops": {name: result["ops_total"] for name, result in attention.items()},
         "attention_convert_s": {name: result["wall_s"] for name, result in attention.items()},
         "naive_ops_total": naive.reported["ops_total"],
+        "size_ratio_int8": round(mini["convert_int8"]["package_gb"] / fp16_gb, 4),
+        "size_ratio_4bit": round(mini["convert_pal4g"]["package_gb"] / fp16_gb, 4),
+        "psnr_db": {recipe: mini[f"validate_{recipe}"]["psnr_db"] for recipe in RECIPES["synthetic-mini"]},
+        "hub_bytes_sent_over_tensor_bytes": extra["hub_fetch"].reported["sent_over_tensor_bytes"],
+        "hub_fetch": extra["hub_fetch"].row(),
         "models": per_model,
     }
     return summary
@@ -132,6 +139,7 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
+    remove_path(BENCH / "work")  # outputs of the tasks below, from an earlier run
     BENCH.mkdir(parents=True, exist_ok=True)
     per_model = {model: model_benchmarks(model) for model in MODELS}
     mini = "synthetic-mini"
@@ -140,6 +148,7 @@ def main() -> None:
         "mil_forward": task("mil_forward", "mil_forward", mini),
         "reference_forward": task("reference_forward", "reference_forward", mini),
         "noop_repro": noop_repro(),
+        "hub_fetch": task("hub_fetch", "hub_fetch", "synthetic-small", "--out", str(BENCH / "work" / "hub-fetch")),
     }
     attention = {
         core: task(f"attention_{core}", "attention", mini, "--attention", core, "--out",

@@ -68,6 +68,41 @@ def attention_variant(model: str, attention: str, out: Path) -> dict:
     return {"ops_total": manifest["ane"]["ops_total"], "ops": manifest["ane"]["ops"]}
 
 
+def validate(model: str, recipe: str) -> dict:
+    """The validate stage's work without its gate, so every recipe's PSNR is recorded, even below the gate."""
+    from voxtral_coreml.validate import validate_package
+
+    metrics, timings = validate_package(package_dir(model, recipe), load_reference(reference_file(model)), -1e9)
+    return {"psnr_db": metrics["psnr_db"], "cosine_min": metrics["cosine_min"], **timings}
+
+
+def hub_fetch(model: str, out: Path) -> dict:
+    """The model's checkpoint served by the tests' local Hub, fetched as the hub source does: bytes on the wire."""
+    import os
+    import sys
+
+    from voxtral_coreml.hub import fetch_tensors
+    from voxtral_coreml.layouts import is_encoder_tensor_any_layout
+    from voxtral_coreml.paths import checkpoint_dir
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from hub_server import FakeRepo, HubServer
+
+    with HubServer() as server:
+        repo = server.add_repo(FakeRepo(f"bench/{model}", checkpoint_dir(model)))
+        os.environ["HF_ENDPOINT"] = server.endpoint
+        os.environ["HF_HUB_CACHE"] = str(out.parent / "hf-cache")
+        record = fetch_tensors(repo.repo_id, repo.commit, out, wanted=is_encoder_tensor_any_layout, progress=False)
+        sent = server.bytes_sent(repo.repo_id)
+    repo_bytes = sum(f.stat().st_size for f in checkpoint_dir(model).rglob("*.safetensors"))
+    return {
+        "bytes_sent": sent,
+        "tensor_bytes": record["tensor_bytes"],
+        "repo_safetensors_bytes": repo_bytes,
+        "sent_over_tensor_bytes": round(sent / record["tensor_bytes"], 4),
+    }
+
+
 def mil_forward(model: str, recipe: str) -> dict:
     """One window through the MIL runtime (load excluded)."""
     from voxtral_coreml.milrun import load_package
@@ -92,9 +127,19 @@ def reference_forward(model: str) -> dict:
     return {"forward_s": round(time.perf_counter() - started, 3)}
 
 
+TASKS = {
+    "naive": lambda a: naive_convert(a.model, a.out),
+    "attention": lambda a: attention_variant(a.model, a.attention, a.out),
+    "validate": lambda a: validate(a.model, a.recipe),
+    "hub_fetch": lambda a: hub_fetch(a.model, a.out),
+    "mil_forward": lambda a: mil_forward(a.model, a.recipe),
+    "reference_forward": lambda a: reference_forward(a.model),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("task", choices=["naive", "attention", "mil_forward", "reference_forward"])
+    parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("model")
     parser.add_argument("--recipe", default="fp16")
     parser.add_argument("--attention", default="fused_heads")
@@ -102,15 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging()
     torch.set_grad_enabled(False)
-    if args.task == "naive":
-        result = naive_convert(args.model, args.out)
-    elif args.task == "attention":
-        result = attention_variant(args.model, args.attention, args.out)
-    elif args.task == "mil_forward":
-        result = mil_forward(args.model, args.recipe)
-    else:
-        result = reference_forward(args.model)
-    print(json.dumps(result))
+    print(json.dumps(TASKS[args.task](args)))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,14 @@
 """build@<model>: the ANE module with the extracted weights, and its parity with transformers (fp32)."""
 
-import argparse
-
 from voxtral_coreml.atomic import atomic_path, write_json_atomic
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import extracted_dir, parity_file, reference_file
 from voxtral_coreml.reference import check_parity, compute_reference, save_reference
-from voxtral_coreml.runner import run
+from voxtral_coreml.runner import run, stage_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model")
-    model = parser.parse_args().model
+    model = stage_args(__doc__, "model").model
     params = load_params()
     build = lookup(params, "build")
     tensors, parity = compute_reference(

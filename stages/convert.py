@@ -1,21 +1,16 @@
 """convert@<model>-<recipe>: torch.export + ct.convert into artifacts/packages/<model>/<recipe>/."""
 
-import argparse
-
 from voxtral_coreml.atomic import atomic_path
 from voxtral_coreml.convert import convert_package, package_name
 from voxtral_coreml.layouts import read_json
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import extracted_dir, package_dir, sensitivity_file
 from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.runner import run
+from voxtral_coreml.runner import run, stage_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model")
-    parser.add_argument("recipe")
-    args = parser.parse_args()
+    args = stage_args(__doc__, "model", "recipe")
     params = load_params()
     recipe = Recipe.from_config(args.recipe, lookup(params, f"recipes.{args.recipe}"))
     variant = lookup(params, f"models.{args.model}.variant")

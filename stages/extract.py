@@ -1,18 +1,14 @@
 """extract@<model>: stream the audio tower + projector into one canonical safetensors file."""
 
-import argparse
-
 from voxtral_coreml.extract import extract_audio_tower
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import checkpoint_dir, extracted_dir
-from voxtral_coreml.runner import run
+from voxtral_coreml.runner import run, stage_args
 from voxtral_coreml.sources import checkpoint_root, public_source_info
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model")
-    model = parser.parse_args().model
+    model = stage_args(__doc__, "model").model
     source = lookup(load_params(), f"models.{model}.source")
     extract_audio_tower(
         checkpoint_root(checkpoint_dir(model)),

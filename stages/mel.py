@@ -1,18 +1,14 @@
 """mel@<precision>: the mel front-end package into artifacts/mel/<precision>/, validated, with DVC metrics."""
 
-import argparse
-
 from voxtral_coreml.atomic import atomic_path, write_json_atomic
 from voxtral_coreml.mel import PACKAGE_NAME, convert_mel_package, validate_mel_package
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import mel_metrics_file, mel_package_dir
-from voxtral_coreml.runner import run
+from voxtral_coreml.runner import run, stage_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("precision")
-    args = parser.parse_args()
+    args = stage_args(__doc__, "precision")
     params = load_params()
     gate = float(lookup(params, f"mel.psnr_gate_db.{args.precision}"))
     # Package + manifest appear only once they pass the gate.

@@ -3,20 +3,15 @@
 Other recipes need no scan: their file says so, so every convert entry can depend on its own file alone.
 """
 
-import argparse
-
 from voxtral_coreml.atomic import write_json_atomic
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import extracted_dir, sensitivity_file
 from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.runner import run
+from voxtral_coreml.runner import run, stage_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model")
-    parser.add_argument("recipe")
-    args = parser.parse_args()
+    args = stage_args(__doc__, "model", "recipe")
     params = load_params()
     recipe = Recipe.from_config(args.recipe, lookup(params, f"recipes.{args.recipe}"))
     if recipe.kind != "mixed":

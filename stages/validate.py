@@ -1,19 +1,14 @@
 """validate@<model>-<recipe>: run the package, compare with transformers, write DVC metrics."""
 
-import argparse
-
 from voxtral_coreml.atomic import write_json_atomic
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import metrics_file, package_dir, reference_file, timings_file
-from voxtral_coreml.runner import run
+from voxtral_coreml.runner import run, stage_args
 from voxtral_coreml.validate import load_reference, validate_package
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model")
-    parser.add_argument("recipe")
-    args = parser.parse_args()
+    args = stage_args(__doc__, "model", "recipe")
     params = load_params()
     metrics, timings = validate_package(
         package_dir(args.model, args.recipe),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -46,3 +47,11 @@ def run(main: Callable[[], object], debug: bool | None = None) -> NoReturn:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(0)
+
+
+def stage_args(description: str | None, *names: str) -> argparse.Namespace:
+    """A stage script's positional arguments (model, recipe, ...), as dvc.yaml passes them."""
+    parser = argparse.ArgumentParser(description=description)
+    for name in names:
+        parser.add_argument(name)
+    return parser.parse_args()

@@ -1,10 +1,9 @@
 """build@<model>: the ANE module with the extracted weights, and its parity with transformers (fp32)."""
 
 from voxtral_coreml.atomic import atomic_path, write_json_atomic
-from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import extracted_dir, parity_file, reference_file
-from voxtral_coreml.reference import compute_reference, save_reference
+from voxtral_coreml.reference import check_parity, compute_reference, save_reference
 from voxtral_coreml.runner import run, stage_args
 
 
@@ -16,11 +15,7 @@ def main() -> None:
         extracted_dir(model), lookup(params, "validation.audio"), build["attention"], build["query_chunk"]
     )
     print(f"{model}: ANE module vs transformers (fp32): {parity}")
-    if parity["psnr_db"] < build["parity_gate_db"]:
-        raise VoxtralError(
-            f"{model}: the ANE module differs from transformers: PSNR {parity['psnr_db']} dB "
-            f"< build.parity_gate_db {build['parity_gate_db']} dB"
-        )
+    check_parity(model, parity, build["parity_gate_db"])
     with atomic_path(reference_file(model)) as staging:
         save_reference(staging, tensors)
     write_json_atomic(parity_file(model), {"model": model, "attention": build["attention"], **parity})

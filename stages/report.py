@@ -1,17 +1,23 @@
-"""report: one markdown table over every package in the pipeline (params: pipeline)."""
+"""report: one markdown table over every package in the pipeline, and package size vs PSNR per model
+(artifacts/report.md, tradeoff.png, tradeoff/; params: pipeline).
 
-from voxtral_coreml.atomic import write_text_atomic
+`python -m stages.report --sweeps` renders the same size-vs-PSNR report over the pipeline's packages and every
+sweep result into artifacts/sweeps/ (not DVC outputs: sweeps live outside DVC, see stages/sweep.py).
+"""
+
+import argparse
+
 from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import report_file
-from voxtral_coreml.report import render_report
+from voxtral_coreml.report import write_pipeline_report, write_sweeps_report
 from voxtral_coreml.runner import run
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweeps", action="store_true", help="the pipeline's packages and every sweep result")
+    args = parser.parse_args()
     pipeline = lookup(load_params(), "pipeline")
-    report = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"])
-    write_text_atomic(report_file(), report)
-    print(report)
+    print(write_sweeps_report(pipeline) if args.sweeps else write_pipeline_report(pipeline))
 
 
 if __name__ == "__main__":

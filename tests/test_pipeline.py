@@ -26,6 +26,20 @@ def test_demo_builds_a_package_per_model_with_its_own_width(demo_repo: Path) -> 
         assert len(manifest["weights_sha256"]) == 64
 
 
+def test_report_shows_size_vs_psnr_per_model_with_its_chart_and_plot_data(demo_repo: Path) -> None:
+    report = (demo_repo / "artifacts" / "report.md").read_text()
+    assert "![package size vs PSNR per model](tradeoff.png)" in report
+    assert (demo_repo / "artifacts" / "tradeoff.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    recipes = yaml.safe_load((demo_repo / "params.yaml").read_text())["pipeline"]["recipes"]
+    for model in DEMO_H:
+        assert f"| {model} | fp16 | pipeline: `artifacts/packages/{model}/fp16` |" in report
+        records = json.loads((demo_repo / "artifacts" / "tradeoff" / f"{model}.json").read_text())
+        assert sorted(r["label"] for r in records) == sorted(recipes)
+        most_accurate = max(records, key=lambda r: r["psnr_db"])
+        smallest = min(records, key=lambda r: r["size_mb"])
+        assert most_accurate["pareto"] and smallest["pareto"]  # nothing beats either on its own axis
+
+
 def test_dvc_metrics_show_lists_every_package(demo_repo: Path) -> None:
     shown = json.loads(run([DVC, "metrics", "show", "--json"], demo_repo).stdout)
     files = next(iter(shown.values()))["data"]

@@ -62,7 +62,8 @@ def test_dvc_yaml_outputs_are_the_library_paths() -> None:
             str(paths.mel_package_dir(precision)),
             str(paths.mel_metrics_file(precision)),
         ]
-    assert outputs["report"] == [str(paths.report_file())]
+    report_outputs = [paths.report_file(), paths.tradeoff_chart_file(), paths.tradeoff_data_dir()]
+    assert outputs["report"] == [str(path) for path in report_outputs]
 
 
 def test_an_empty_mel_list_leaves_the_mel_stage_out(tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,32 @@ def write_json_atomic(target: str | os.PathLike[str], obj: Any) -> None:
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(target, text.encode())
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold `target`'s lock file (a hidden sibling) against every other process, whichever machine shares the disk."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # lockf: POSIX record locks, which NFS forwards (flock may stay local)
+        try:
+            yield
+        finally:
+            fcntl.lockf(lock, fcntl.LOCK_UN)
+
+
+def build_once(target: str | os.PathLike[str], build: Callable[[Path], None]) -> bool:
+    """Make `target` (file or directory) with `build(staging)` unless it exists; True if this call made it.
+
+    Since `target` appears whole (atomic_path), existing means complete. Processes that want the same target at
+    once wait on its lock, and all but the first then find it made."""
+    target = Path(target)
+    if target.exists():
+        return False
+    with exclusive_lock(target):
+        if target.exists():
+            return False
+        with atomic_path(target) as staging:
+            build(staging)
+    return True

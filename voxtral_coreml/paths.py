@@ -49,5 +49,26 @@ def mel_metrics_file(precision: str) -> Path:
     return ARTIFACTS / "metrics" / "mel" / f"{precision}.json"
 
 
-def report_file() -> Path:
-    return ARTIFACTS / "report.md"
+def report_file(folder: Path = ARTIFACTS) -> Path:
+    """The report stage's table (folder: artifacts/), or the sweeps' (artifacts/sweeps/)."""
+    return folder / "report.md"
+
+
+def tradeoff_chart_file(folder: Path = ARTIFACTS) -> Path:
+    """Package size vs PSNR per model, the Pareto front marked (next to its report.md, which shows it)."""
+    return folder / "tradeoff.png"
+
+
+def tradeoff_data_dir(folder: Path = ARTIFACTS) -> Path:
+    """The same points as plot data, one <model>.json per model: dvc.yaml's `plots:` renders each as a chart."""
+    return folder / "tradeoff"
+
+
+def sweeps_dir() -> Path:
+    """stages/sweep.py's results and caches (voxtral_coreml/sweep.py), and their report: outside DVC, shared by
+    every sweep."""
+    return ARTIFACTS / "sweeps"
+
+
+def sweep_results_dir() -> Path:
+    return sweeps_dir() / "results"

@@ -17,6 +17,7 @@ import torch
 from transformers import VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
 
 from .dims import POSITIONS_KEY, EncoderDims
+from .errors import VoxtralError
 from .extract import load_extracted
 from .features import speech_mel
 from .metrics import compare_embeddings
@@ -103,6 +104,15 @@ def compute_reference(
         ane = build_ane_encoder(weights, dims, attention, query_chunk)(mel).reshape(expected.shape)
     tensors = {"mel": mel.contiguous(), "transformers": expected.contiguous(), "ane_module": ane.contiguous()}
     return tensors, compare_embeddings(expected, ane)
+
+
+def check_parity(model: str, parity: dict[str, float], gate_db: float) -> None:
+    """Both in fp32, the ANE module matches transformers far above `build.parity_gate_db`; a layout bug falls below."""
+    if parity["psnr_db"] < gate_db:
+        raise VoxtralError(
+            f"{model}: the ANE module differs from transformers: PSNR {parity['psnr_db']} dB "
+            f"< build.parity_gate_db {gate_db} dB"
+        )
 
 
 def save_reference(path: Path, tensors: dict[str, torch.Tensor]) -> None:

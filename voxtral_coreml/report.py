@@ -1,9 +1,24 @@
-"""One table over every package the pipeline built: size, contract, and accuracy against transformers."""
+"""One table over every package the pipeline built: size, contract, and accuracy against transformers; and
+package size vs accuracy per model (table, PNG, plot data), for the pipeline alone or with every sweep result."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from .atomic import write_text_atomic
 from .layouts import read_json
-from .paths import mel_metrics_file, metrics_file, parity_file
+from .paths import (
+    ARTIFACTS,
+    mel_metrics_file,
+    metrics_file,
+    parity_file,
+    report_file,
+    sweep_results_dir,
+    sweeps_dir,
+    tradeoff_chart_file,
+    tradeoff_data_dir,
+)
+from .tradeoff import Point, collect_points, pipeline_points, tradeoff_table, write_chart, write_plot_data
 
 
 def _row(cells: list[object]) -> str:
@@ -59,7 +74,23 @@ def mel_section(precisions: list[str]) -> list[str]:
     ]
 
 
-def render_report(models: list[str], recipes: list[str], mel_precisions: list[str]) -> str:
+def tradeoff_section(points: list[Point]) -> list[str]:
+    chart = tradeoff_chart_file(Path("."))  # the report's folder holds the chart
+    return [
+        "## Package size vs PSNR",
+        "",
+        "Per model, PSNR vs transformers over package size. On the Pareto front: no other package is as small",
+        "and at least as accurate. Below its recipe's gate: (below).",
+        "",
+        f"![package size vs PSNR per model]({chart.as_posix()})",
+        "",
+        *tradeoff_table(points),
+        "",
+    ]
+
+
+def render_report(models: list[str], recipes: list[str], mel_precisions: list[str], points: list[Point]) -> str:
+    """The report stage's: every pipeline package, the ANE module's parity, the mel packages, the trade-off."""
     return "\n".join(
         [
             "# Voxtral Core ML encoder packages",
@@ -74,5 +105,45 @@ def render_report(models: list[str], recipes: list[str], mel_precisions: list[st
             *parity_table(models),
             "",
             *mel_section(mel_precisions),
+            *tradeoff_section(points),
         ]
     )
+
+
+def render_sweep_report(points: list[Point]) -> str:
+    """The sweeps': the trade-off over the pipeline's packages (if built) and every sweep result."""
+    return "\n".join(
+        [
+            "# Voxtral Core ML encoder packages: sweeps",
+            "",
+            "The pipeline's packages (`artifacts/packages/`) and every sweep result (`artifacts/sweeps/results/`),",
+            "each validated against transformers' `get_audio_features` (fp32) on one 30 s window of speech.",
+            "",
+            *tradeoff_section(points),
+        ]
+    )
+
+
+def _write_report(folder: Path, text: str, points: list[Point]) -> None:
+    """report.md, and next to it the chart it shows and the chart's plot data."""
+    write_chart(tradeoff_chart_file(folder), points)
+    write_plot_data(tradeoff_data_dir(folder), points)
+    write_text_atomic(report_file(folder), text)
+
+
+def write_pipeline_report(pipeline: dict) -> str:
+    """The report stage's outputs, from the pipeline's packages only: a DVC output follows from its deps alone,
+    so dvc.lock stays the same whatever sweeps ran on this machine."""
+    points = pipeline_points(pipeline["models"], pipeline["recipes"])
+    text = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"], points)
+    _write_report(ARTIFACTS, text, points)
+    return text
+
+
+def write_sweeps_report(pipeline: dict) -> str:
+    """artifacts/sweeps/'s report (outside DVC, as sweeps are): the pipeline's packages that exist, and every
+    sweep result."""
+    points = collect_points(pipeline["models"], pipeline["recipes"], sweep_results_dir())
+    text = render_sweep_report(points)
+    _write_report(sweeps_dir(), text, points)
+    return text

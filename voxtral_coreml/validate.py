@@ -96,11 +96,14 @@ def validate_package(
     reference: dict[str, torch.Tensor],
     gate_db: float,
     backend: str = "auto",
+    *,
+    enforce_gate: bool = True,
 ) -> tuple[dict[str, object], dict[str, float]]:
-    """(metrics, timings) of one package; raises VoxtralError when it breaks the contract or falls below the gate.
+    """(metrics, timings) of one package; raises VoxtralError when it breaks the contract or (with `enforce_gate`)
+    falls below the gate.
 
     Metrics depend only on the package and the reference, so rebuilds reproduce them byte for byte; timings
-    depend on the machine and are kept apart."""
+    depend on the machine and are kept apart. A sweep measures points below the gate too: `enforce_gate=False`."""
     package, manifest = find_package(Path(package_dir))
     structure = package_structure(package)
     dims = EncoderDims.from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
@@ -122,7 +125,7 @@ def validate_package(
         "output_shape": structure["outputs"][0]["shape"],
         "ops_total": sum(structure["ops"].values()),
     }
-    if metrics["psnr_db"] < gate_db:
+    if enforce_gate and metrics["psnr_db"] < gate_db:
         raise VoxtralError(
             f"{package}: PSNR {metrics['psnr_db']} dB vs transformers is below the gate of {gate_db} dB "
             f"(cosine_min {metrics['cosine_min']}, max_abs_err {metrics['max_abs_err']})"

@@ -127,6 +127,15 @@ def reference_forward(model: str) -> dict:
     return {"forward_s": round(time.perf_counter() - started, 3)}
 
 
+def coreml_latency(model: str, recipe: str, compute_units: str) -> dict:  # pragma: no cover
+    """macOS only: Core ML's first load (compilation for the chosen units included) and median latency per window."""
+    from voxtral_coreml.backends import run_coreml
+
+    package, _ = find_package(package_dir(model, recipe))
+    _, timings = run_coreml(package, load_reference(reference_file(model))["mel"], compute_units)
+    return timings
+
+
 TASKS = {
     "naive": lambda a: naive_convert(a.model, a.out),
     "attention": lambda a: attention_variant(a.model, a.attention, a.out),
@@ -134,6 +143,7 @@ TASKS = {
     "hub_fetch": lambda a: hub_fetch(a.model, a.out),
     "mil_forward": lambda a: mil_forward(a.model, a.recipe),
     "reference_forward": lambda a: reference_forward(a.model),
+    "coreml_latency": lambda a: coreml_latency(a.model, a.recipe, a.compute_units),
 }
 
 
@@ -144,6 +154,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="fp16")
     parser.add_argument("--attention", default="fused_heads")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--compute-units", default="CPU_AND_NE")
     args = parser.parse_args()
     configure_logging()
     torch.set_grad_enabled(False)

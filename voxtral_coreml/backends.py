@@ -21,6 +21,7 @@ from .errors import VoxtralError
 
 BACKENDS = ("auto", "mil", "coreml")
 COREML_TIMED_RUNS = 10  # predictions for the median latency on a device
+COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU", "ALL")  # ct.ComputeUnit names; validation uses the first
 
 Predictor = Callable[[dict[str, np.ndarray]], dict[str, Any]]
 
@@ -36,11 +37,11 @@ def resolve_backend(backend: str, setting: str = "validation.backend") -> str:
     return backend
 
 
-def coreml_model(package: Path):  # pragma: no cover
-    """Core ML's model of the package, compiled for the Neural Engine (macOS only)."""
+def coreml_model(package: Path, compute_units: str = COMPUTE_UNITS[0]):  # pragma: no cover
+    """Core ML's model of the package, compiled for the Neural Engine unless told otherwise (macOS only)."""
     import coremltools as ct
 
-    return ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    return ct.models.MLModel(str(package), compute_units=ct.ComputeUnit[compute_units])
 
 
 def load_predictor(backend: str, package: Path) -> Predictor:
@@ -63,10 +64,12 @@ def run_mil(package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, f
     return torch.from_numpy(np.asarray(outputs[OUTPUT_NAME], dtype=np.float32)), timings
 
 
-def run_coreml(package: Path, mel: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
+def run_coreml(
+    package: Path, mel: torch.Tensor, compute_units: str = COMPUTE_UNITS[0]
+) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
     """Core ML on the Neural Engine (macOS only; not run in CI): embeddings, load and latency figures."""
     started = time.perf_counter()
-    model = coreml_model(package)
+    model = coreml_model(package, compute_units)
     first_load = time.perf_counter() - started
     inputs = {INPUT_NAME: mel.numpy().astype(np.float32)}
     embeddings = model.predict(inputs)[OUTPUT_NAME]

@@ -169,5 +169,7 @@ def convert_package(
         "versions": versions(),
     }
     write_json_atomic(package.parent / MANIFEST, manifest)
-    log.info("wrote %s (%.1f MB) in %.1f s", package, manifest["size_bytes"] / 1e6, time.monotonic() - started)
+    log.info(
+        "wrote %s (%.1f MB) in %.1f s", shown_path(package), manifest["size_bytes"] / 1e6, time.monotonic() - started
+    )
     return manifest

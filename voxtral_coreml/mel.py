@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_path, write_json_atomic
+from .atomic import atomic_path, shown_path, write_json_atomic
 from .backends import load_predictor, resolve_backend
 from .canonical import canonicalize_package
 from .convert import INPUT_NAME as MEL_NAME
@@ -154,7 +154,9 @@ def convert_mel_package(package: str | os.PathLike[str], precision: str, target:
         "versions": versions(),
     }
     write_json_atomic(package.parent / MANIFEST, manifest)
-    log.info("wrote %s (%.1f MB) in %.1f s", package, manifest["size_bytes"] / 1e6, time.monotonic() - started)
+    log.info(
+        "wrote %s (%.1f MB) in %.1f s", shown_path(package), manifest["size_bytes"] / 1e6, time.monotonic() - started
+    )
     return manifest
 
 

@@ -21,7 +21,12 @@ from voxtral_coreml.backends import COMPUTE_UNITS
 from voxtral_coreml.convert import tree_size
 from voxtral_coreml.paths import ARTIFACTS, checkpoint_dir, extracted_dir, package_dir
 
-BENCH = ARTIFACTS / "bench"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = (ROOT / ARTIFACTS / "bench").resolve()
+# The stages and tasks run here, so their artifacts/ stays apart from the pipeline's: the report stage hashes
+# artifacts/metrics and artifacts/reference whole, and a benchmark model there would change dvc.lock.
+WORKSPACE = BENCH / "workspace"
+SHARED = ("params.yaml", "conf")  # what a stage reads relative to its working directory
 MODELS = ("synthetic-mini", "synthetic-small")
 STAGES = ("download", "extract", "build")
 # mixed is left out: its sensitivity scan at full size takes about 1.5 hours on 2 cores (README, Compression).
@@ -40,14 +45,23 @@ class Measurement:
         return {"wall_s": round(self.wall_s, 2), "peak_rss_gb": round(self.peak_rss_gb, 3), **self.reported}
 
 
-def measure(name: str, argv: list[str]) -> Measurement:
-    """Run `argv` in a child process; its last stdout line, if JSON, is what it reports about itself."""
+def prepare_workspace() -> None:
+    WORKSPACE.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        link = WORKSPACE / name
+        if not link.is_symlink():
+            link.symlink_to(ROOT / name)
+
+
+def measure(name: str, argv: list[str], cwd: Path = WORKSPACE) -> Measurement:
+    """Run `argv` in a child process in `cwd`; its last stdout line, if JSON, is what it reports about itself."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = BENCH / "logs" / f"{name.replace('/', '_')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {name}", flush=True)
     started = time.perf_counter()
     with open(log, "w") as err:
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd, env=env)
         stdout = child.stdout.read() if child.stdout else ""
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -71,7 +85,8 @@ def task(name: str, *args: str) -> Measurement:
 
 
 def gb(path: Path) -> float:
-    return round(tree_size(path) / GB, 3)
+    """Size of a workspace output, in GB."""
+    return round(tree_size(WORKSPACE / path) / GB, 3)
 
 
 def model_benchmarks(model: str) -> dict[str, dict]:
@@ -109,8 +124,8 @@ def coreml_latencies(model: str) -> dict[str, dict]:  # pragma: no cover
 
 def noop_repro() -> Measurement:
     dvc = str(Path(sys.executable).parent / "dvc")
-    subprocess.run([dvc, "repro", "-q"], check=True)  # builds the demo if it is not built yet
-    return measure("noop_repro", [dvc, "repro"])
+    subprocess.run([dvc, "repro", "-q"], check=True, cwd=ROOT)  # builds the demo if it is not built yet
+    return measure("noop_repro", [dvc, "repro"], cwd=ROOT)
 
 
 def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attention: dict[str, dict]) -> dict:
@@ -163,7 +178,7 @@ def markdown(summary: dict) -> str:
 
 def main() -> None:
     remove_path(BENCH / "work")  # outputs of the tasks below, from an earlier run
-    BENCH.mkdir(parents=True, exist_ok=True)
+    prepare_workspace()
     per_model = {model: model_benchmarks(model) for model in MODELS}
     mini = "synthetic-mini"
     extra = {

@@ -115,6 +115,14 @@ def versions() -> dict[str, str]:
     return {"coremltools": coremltools.__version__, "torch": torch.__version__, "voxtral_coreml": __version__}
 
 
+def write_manifest(package: Path, manifest: dict, started: float) -> None:
+    """The manifest beside the package, written last: a package with a manifest is complete."""
+    write_json_atomic(package.parent / MANIFEST, manifest)
+    log.info(
+        "wrote %s (%.1f MB) in %.1f s", shown_path(package), manifest["size_bytes"] / 1e6, time.monotonic() - started
+    )
+
+
 def convert_package(
     extracted_dir: str | os.PathLike[str],
     package: str | os.PathLike[str],
@@ -168,8 +176,5 @@ def convert_package(
         "ane": ane_report(package),
         "versions": versions(),
     }
-    write_json_atomic(package.parent / MANIFEST, manifest)
-    log.info(
-        "wrote %s (%.1f MB) in %.1f s", shown_path(package), manifest["size_bytes"] / 1e6, time.monotonic() - started
-    )
+    write_manifest(package, manifest, started)
     return manifest

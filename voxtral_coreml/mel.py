@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_path, shown_path, write_json_atomic
+from .atomic import atomic_path
 from .backends import load_predictor, resolve_backend
 from .canonical import canonicalize_package
 from .convert import INPUT_NAME as MEL_NAME
-from .convert import MANIFEST, TARGETS, coremltools_writes, tree_size, versions
+from .convert import TARGETS, coremltools_writes, tree_size, versions, write_manifest
 from .dims import MEL_BINS, MEL_FRAMES
 from .errors import VoxtralError
 from .features import (
@@ -153,10 +153,7 @@ def convert_mel_package(package: str | os.PathLike[str], precision: str, target:
         "size_bytes": tree_size(package),
         "versions": versions(),
     }
-    write_json_atomic(package.parent / MANIFEST, manifest)
-    log.info(
-        "wrote %s (%.1f MB) in %.1f s", shown_path(package), manifest["size_bytes"] / 1e6, time.monotonic() - started
-    )
+    write_manifest(package, manifest, started)
     return manifest
 
 

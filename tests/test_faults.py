@@ -33,7 +33,7 @@ from test_hub import FAST, SHARDS, audio_or_projector, cdn_data, data_of, voxtra
 
 from conftest import DVC, copy_project, env_with_venv, run, tree_digests
 from voxtral_coreml import paths, ranges
-from voxtral_coreml.atomic import DISK_FULL, STAGING_PREFIX
+from voxtral_coreml.atomic import DISK_FULL, STAGING_PREFIX, write_json_atomic
 from voxtral_coreml.hub import fetch_tensors
 from voxtral_coreml.ranges import RetryPolicy
 from voxtral_coreml.runner import EXIT_USER_ERROR
@@ -432,3 +432,19 @@ def test_a_hub_download_on_a_full_disk_keeps_what_it_received_for_the_rerun(hub:
     [resumed] = cdn_data(hub, SHARDS[0])
     assert resumed.range == (begin + limit, end - 1)
     assert not (project / download_dir).exists()
+
+
+def test_staging_of_a_killed_writer_not_yet_reaped_is_stale(tmp_path: Path) -> None:
+    """A writer SIGKILLed with its parent lingers as a zombie until init reaps it: its staging is stale."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    target = tmp_path / "out.json"
+    staging = tmp_path / f"{STAGING_PREFIX}{writer.pid}-0123abcd-{target.name}"
+    staging.write_text("half")
+    writer.kill()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{writer.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":  # not waited for yet
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    write_json_atomic(target, {"ok": True})
+    writer.wait()
+    assert not staging.exists() and json.loads(target.read_text()) == {"ok": True}

@@ -52,7 +52,16 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Killed, and not yet reaped: a stage killed with its `dvc repro` waits for init, which may take its time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS), or gone meanwhile: kill(pid, 0) has the last word
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # the state follows "(comm)", which may hold spaces
 
 
 def remove_stale_staging(target: Path) -> None:

@@ -26,6 +26,7 @@ from .atomic import atomic_path
 from .convert import MANIFEST
 from .errors import VoxtralError
 from .layouts import read_json
+from .markdown import shape_text, table_head, table_row
 from .params import PARAMS_FILE, load_params, lookup
 from .paths import metrics_file, package_dir
 
@@ -129,20 +130,16 @@ def _front_matter(entries: list[Entry]) -> str:
     return f"---\n{data.to_yaml()}\n---\n"
 
 
-def _row(cells: list[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def _package_table(entries: list[Entry]) -> list[str]:
     header = ["folder", "model", "output", "size (MB)", "minimum OS", "PSNR vs transformers (dB)", "cosine min"]
     header += ["max abs err", "checked with"]
-    lines = [_row(header), _row(["---"] * len(header))]
+    lines = table_head(header)
     for e in entries:
         target, m = e.manifest["deployment_target"], e.metrics
-        shape = "[" + ",".join(str(d) for d in e.manifest["outputs"][0]["shape"]) + "]"
         os_versions = f"iOS {target['ios']} / macOS {target['macos']} ({target['coreml']})"
+        shape = shape_text(e.manifest["outputs"][0]["shape"])
         cells = [f"`{e.repo_folder}/`", e.model, shape, f"{e.manifest['size_bytes'] / 1e6:.1f}", os_versions]
-        lines.append(_row([*cells, m["psnr_db"], m["cosine_min"], m["max_abs_err"], m["backend"]]))
+        lines.append(table_row([*cells, m["psnr_db"], m["cosine_min"], m["max_abs_err"], m["backend"]]))
     return lines
 
 

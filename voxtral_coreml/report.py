@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .atomic import write_text_atomic
 from .layouts import read_json
+from .markdown import shape_text, table_head, table_row
 from .paths import (
     ARTIFACTS,
     mel_metrics_file,
@@ -21,33 +22,25 @@ from .paths import (
 from .tradeoff import Point, collect_points, pipeline_points, tradeoff_table, write_chart, write_plot_data
 
 
-def _row(cells: list[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _shape(shape: list[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
-
-
 def package_table(models: list[str], recipes: list[str]) -> list[str]:
     header = ["model", "recipe", "output", "size (MB)", "target", "backend", "PSNR vs transformers (dB)"]
     header += ["cosine min", "max abs err", "PSNR vs ANE module (dB)", "gate (dB)"]
-    lines = [_row(header), _row(["---"] * len(header))]
+    lines = table_head(header)
     for model in models:
         for recipe in recipes:
             m = read_json(metrics_file(model, recipe))
             size_mb = f"{m['size_bytes'] / 1e6:.1f}"
-            cells = [model, recipe, _shape(m["output_shape"]), size_mb, m["deployment_target"], m["backend"]]
+            cells = [model, recipe, shape_text(m["output_shape"]), size_mb, m["deployment_target"], m["backend"]]
             cells += [m["psnr_db"], m["cosine_min"], m["max_abs_err"], m["vs_ane_module"]["psnr_db"], m["gate_db"]]
-            lines.append(_row(cells))
+            lines.append(table_row(cells))
     return lines
 
 
 def parity_table(models: list[str]) -> list[str]:
-    lines = [_row(["model", "PSNR (dB)", "cosine min", "max abs err"]), _row(["---"] * 4)]
+    lines = table_head(["model", "PSNR (dB)", "cosine min", "max abs err"])
     for model in models:
         p = read_json(parity_file(model))
-        lines.append(_row([model, p["psnr_db"], p["cosine_min"], p["max_abs_err"]]))
+        lines.append(table_row([model, p["psnr_db"], p["cosine_min"], p["max_abs_err"]]))
     return lines
 
 
@@ -57,12 +50,12 @@ def mel_section(precisions: list[str]) -> list[str]:
         return []
     header = ["compute", "size (MB)", "target", "backend", "PSNR vs WhisperFeatureExtractor (dB)", "max abs err"]
     header += ["gate (dB)"]
-    lines = [_row(header), _row(["---"] * len(header))]
+    lines = table_head(header)
     for precision in precisions:
         m = read_json(mel_metrics_file(precision))
         size_mb = f"{m['size_bytes'] / 1e6:.1f}"
         cells = [precision, size_mb, m["deployment_target"], m["backend"], m["psnr_db"], m["max_abs_err"], m["gate_db"]]
-        lines.append(_row(cells))
+        lines.append(table_row(cells))
     return [
         "## Mel front-end (`VoxtralMelSpectrogram.mlpackage`)",
         "",

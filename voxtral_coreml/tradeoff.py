@@ -13,6 +13,7 @@ from pathlib import Path
 from .atomic import atomic_path, write_json_atomic
 from .convert import MANIFEST
 from .layouts import read_json
+from .markdown import table_head, table_row
 from .paths import metrics_file, package_dir
 from .sweep import RESULT_FILE
 
@@ -122,19 +123,15 @@ def on_front(points: list[Point]) -> set[Point]:
     return {p for group in by_model(points).values() for p in pareto_front(group)}
 
 
-def _row(cells: list[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def tradeoff_table(points: list[Point]) -> list[str]:
     header = ["model", "package", "from", "size (MB)", "average bits", "PSNR (dB)", "gate (dB)", "Pareto front"]
-    lines = [_row(header), _row(["---"] * len(header))]
+    lines = table_head(header)
     front = on_front(points)
     for model, group in by_model(points).items():
         for p in group:
             below = " (below)" if p.psnr_db < p.gate_db else ""
             cells = [model, p.label, f"{p.origin}: `{p.where}`", f"{p.size_mb:.3f}", p.average_bits, p.psnr_db]
-            lines.append(_row([*cells, f"{p.gate_db:g}{below}", "yes" if p in front else ""]))
+            lines.append(table_row([*cells, f"{p.gate_db:g}{below}", "yes" if p in front else ""]))
     return lines
 
 

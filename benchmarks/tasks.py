@@ -72,7 +72,8 @@ def validate(model: str, recipe: str) -> dict:
     """The validate stage's work without its gate, so every recipe's PSNR is recorded, even below the gate."""
     from voxtral_coreml.validate import validate_package
 
-    metrics, timings = validate_package(package_dir(model, recipe), load_reference(reference_file(model)), -1e9)
+    reference = load_reference(reference_file(model))
+    metrics, timings = validate_package(package_dir(model, recipe), reference, 0.0, enforce_gate=False)
     return {"psnr_db": metrics["psnr_db"], "cosine_min": metrics["cosine_min"], **timings}
 
 

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from .atomic import remove_path, write_bytes_atomic
-from .errors import VoxtralError
+from .errors import JSON_ERRORS, VoxtralError
 from .package_info import SPEC_FILE
 
 PACKAGE_MANIFEST = "Manifest.json"
@@ -54,7 +54,7 @@ def _read_manifest(package: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         has_root = manifest["rootModelIdentifier"] in manifest["itemInfoEntries"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+    except (OSError, *JSON_ERRORS, KeyError, TypeError) as e:
         raise VoxtralError(f"{path}: not a Core ML package manifest ({type(e).__name__}: {e})") from None
     if not has_root:
         raise VoxtralError(f"{path}: rootModelIdentifier names no item")

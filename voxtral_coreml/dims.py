@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import VoxtralError
+from .errors import JSON_ERRORS, VoxtralError
 
 MEL_BINS = 128
 MEL_FRAMES = 3000  # 30 s at a 10 ms hop: the only input length Voxtral accepts
@@ -112,5 +112,5 @@ def read_encoder_json(extracted_dir: str | os.PathLike[str]) -> dict[str, object
         raise VoxtralError(f"{path}: not found (run the extract stage first)")
     try:
         return json.loads(path.read_text())
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or syntax, a number past Python's limits, deep nesting
+    except JSON_ERRORS as e:
         raise VoxtralError(f"{path}: invalid JSON ({e})") from None

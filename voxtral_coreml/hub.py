@@ -42,7 +42,7 @@ from huggingface_hub.utils import build_hf_headers
 from tqdm import tqdm
 
 from .atomic import atomic_path, disk_full_is_an_error, remove_path, write_json_atomic
-from .errors import VoxtralError
+from .errors import JSON_ERRORS, VoxtralError
 from .ranges import ByteRange, RetryPolicy, download_range, merge_ranges, with_retries
 from .safetensors_io import TensorInfo, TensorSpec, encode_header, header_length, parse_header, read_header
 
@@ -226,7 +226,7 @@ def _read_weight_map(repo: _Repo, path: Path) -> dict[str, str]:
     label = repo.label(INDEX)
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
+    except (*JSON_ERRORS, KeyError, TypeError) as e:
         raise VoxtralError(f"{label}: not a safetensors index with a weight_map ({_first_line(e)})") from e
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -27,7 +27,7 @@ from .atomic import atomic_path
 from .backends import load_predictor, resolve_backend
 from .canonical import canonicalize_package
 from .convert import INPUT_NAME as MEL_NAME
-from .convert import TARGETS, coremltools_writes, tree_size, versions, write_manifest
+from .convert import coremltools_writes, tree_size, versions, write_manifest
 from .dims import MEL_BINS, MEL_FRAMES
 from .errors import VoxtralError
 from .features import (
@@ -42,6 +42,7 @@ from .features import (
 )
 from .metrics import psnr_db
 from .package_info import package_structure
+from .recipes import TARGETS
 from .reference import processor_features
 from .validate import check_structure, find_package
 

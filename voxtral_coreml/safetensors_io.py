@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import VoxtralError
+from .errors import JSON_ERRORS, VoxtralError
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -62,7 +62,7 @@ def parse_header(header_bytes: bytes, data_size: int, source: str) -> dict[str, 
     """Validate a safetensors JSON header; `data_size` is the byte count after the header."""
     try:
         header = json.loads(header_bytes)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or syntax, a number past Python's limits, deep nesting
+    except JSON_ERRORS as e:
         raise VoxtralError(f"{source}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise VoxtralError(f"{source}: safetensors header is not a JSON object")

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..dims import EncoderDims
-from ..errors import VoxtralError
+from ..errors import JSON_ERRORS, VoxtralError
 from ..safetensors_io import TensorInfo, read_tensor
 
 AUDIO_PREFIXES = ("audio_tower.", "multi_modal_projector.")  # HF and MLX names
@@ -78,7 +78,7 @@ def read_json(path: Path) -> dict:
         raise VoxtralError(f"{path}: not found")
     try:
         data = json.loads(path.read_text())
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or syntax, a number past Python's limits, deep nesting
+    except JSON_ERRORS as e:
         raise VoxtralError(f"{path}: invalid JSON ({_first_line(e)})") from None
     if not isinstance(data, dict):
         raise VoxtralError(f"{path}: expected a JSON object")

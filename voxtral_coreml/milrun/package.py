@@ -8,7 +8,7 @@ from coremltools import proto
 from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 from coremltools.converters.mil.mil import Program
 
-from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.errors import JSON_ERRORS, VoxtralError
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ def _root_model_path(package: Path) -> Path:
         manifest = json.loads(manifest_path.read_text())
         entry = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
         item = entry["path"]
-    except (OSError, ValueError, LookupError, TypeError, RecursionError) as exc:  # LookupError: a list indexed
+    except (OSError, *JSON_ERRORS, LookupError, TypeError) as exc:  # LookupError: a list indexed
         raise VoxtralError(f"{package}: unreadable Manifest.json ({exc})") from exc
     # Packages come from anywhere: the spec read must be inside this one, wherever its manifest points.
     if not isinstance(item, str) or not item or item.startswith("/") or "\\" in item or ".." in Path(item).parts:

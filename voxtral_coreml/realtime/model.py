@@ -94,7 +94,8 @@ class RealtimeLayer(nn.Module):
 
 
 class RealtimeBody(nn.Module):
-    """The weights both modules share, under transformers' names (less `audio_tower.`/`embedder.`)."""
+    """The weights both modules share, under transformers' names (less `audio_tower.`/`embedder.`), named as
+    the 2507 module's are (conv1, conv2, layers.N, ..., multi_modal_projector) so compression treats both alike."""
 
     def __init__(self, dims: RealtimeDims, attention: str, query_chunk: int) -> None:
         super().__init__()
@@ -128,32 +129,44 @@ def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, valid: torch.Ten
     return torch.where(seen, zero, torch.full((), MASKED, dtype=dtype))[None, :, None, :]
 
 
-class RealtimeEncoderANE(nn.Module):
+class RealtimeEncoderANE(RealtimeBody):
     """The offline window: `dims.mel_frames` mel frames from the start of a stream -> [1, frames/8, H]."""
 
     def __init__(self, dims: RealtimeDims, attention: str = "fused_heads", query_chunk: int = 256) -> None:
-        super().__init__()
-        self.dims = dims
-        self.body = RealtimeBody(dims, attention, query_chunk)
+        super().__init__(dims, attention, query_chunk)
         s, a = dims.n_positions, dims.attn_dim
         self.register_buffer("rope_cos", torch.zeros(1, a, 1, s))
         self.register_buffer("rope_sin", torch.zeros(1, a, 1, s))
         self.register_buffer("positions", torch.zeros(s, dtype=torch.int32))
 
     def forward(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
-        b = self.body
-        x = mel_spectrogram.unsqueeze(2).to(b.conv1.weight.dtype)
-        zeros1 = torch.zeros(1, self.dims.n_mels, 1, CONV1_CONTEXT, dtype=x.dtype)
-        zeros2 = torch.zeros(1, self.dims.d_model, 1, CONV2_CONTEXT, dtype=x.dtype)
-        x, _, _ = b.stem(x, zeros1, zeros2)
-        everyone = torch.ones_like(self.positions, dtype=torch.bool)
-        mask = window_mask(self.positions, self.positions, everyone, self.dims.sliding_window, x.dtype)
-        for layer in b.layers:
+        x = self.offline_stem(mel_spectrogram)
+        mask = self.causal_mask(x.dtype)
+        for layer in self.layers:
             x, _, _ = layer(x, self.rope_cos, self.rope_sin, mask)
-        return b.head(x)
+        return self.head(x)
+
+    def offline_stem(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
+        x = mel_spectrogram.unsqueeze(2).to(self.conv1.weight.dtype)
+        zeros1 = torch.zeros(1, self.dims.n_mels, 1, CONV1_CONTEXT, dtype=x.dtype)  # a stream starts from silence
+        zeros2 = torch.zeros(1, self.dims.d_model, 1, CONV2_CONTEXT, dtype=x.dtype)
+        return self.stem(x, zeros1, zeros2)[0]
+
+    def causal_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        everyone = torch.ones_like(self.positions, dtype=torch.bool)
+        return window_mask(self.positions, self.positions, everyone, self.dims.sliding_window, dtype)
+
+    def stages(self) -> list:
+        """stem, each layer, head as one-tensor functions: the sensitivity scan reruns from any of them."""
+        mask = self.causal_mask(self.conv1.weight.dtype)
+
+        def run(layer):
+            return lambda x: layer(x, self.rope_cos, self.rope_sin, mask)[0]
+
+        return [self.offline_stem, *map(run, self.layers), self.head]
 
 
-class RealtimeStepANE(nn.Module):
+class RealtimeStepANE(RealtimeBody):
     """The streaming step: 8k mel frames and the stream's state -> k embeddings and the next state.
 
     State (fp16): conv1_context (1, M, 1, 2) mel frames, conv2_context (1, d, 1, 1) conv1 frames, and
@@ -161,10 +174,8 @@ class RealtimeStepANE(nn.Module):
     emitted so far (encoder position = 4 x position)."""
 
     def __init__(self, dims: RealtimeDims, tokens_per_step: int, attention="fused_heads", query_chunk=256) -> None:
-        super().__init__()
-        self.dims = dims
+        super().__init__(dims, attention, query_chunk)
         self.tokens_per_step = tokens_per_step
-        self.body = RealtimeBody(dims, attention, query_chunk)
         half = dims.head_dim // 2
         self.register_buffer("rope_low", torch.zeros(2, ROPE_LOW, half))  # cos/sin tables: see rope.step_rope
         self.register_buffer("rope_high", torch.zeros(2, ROPE_HIGH, half))
@@ -175,9 +186,9 @@ class RealtimeStepANE(nn.Module):
         return self.tokens_per_step * FRAMES_PER_EMBEDDING
 
     def forward(self, mel_chunk, position, conv1_context, conv2_context, key_cache, value_cache):
-        b, dims = self.body, self.dims
-        x = mel_chunk.unsqueeze(2).to(b.conv1.weight.dtype)
-        x, conv1_next, conv2_next = b.stem(x, conv1_context, conv2_context)
+        dims = self.dims
+        x = mel_chunk.unsqueeze(2).to(self.conv1.weight.dtype)
+        x, conv1_next, conv2_next = self.stem(x, conv1_context, conv2_context)
         first = position * FRAMES_PER_EMBEDDING  # (1,) int32: the encoder position of x's first frame
         new_pos = first + torch.arange(self.new_positions, dtype=torch.int32)
         cos, sin = step_rope(new_pos, self.rope_low, self.rope_high, dims.n_heads, x.dtype)
@@ -185,12 +196,12 @@ class RealtimeStepANE(nn.Module):
         write = self.write_matrix(new_pos, x.dtype)  # (P, R): one-hot slot of each new position
         kept = 1 - write.sum(dim=0)  # (R,): 0 where a slot is overwritten
         keys, values = [], []
-        for i, layer in enumerate(b.layers):
+        for i, layer in enumerate(self.layers):
             past_k, past_v = key_cache[i : i + 1], value_cache[i : i + 1]
             x, k, v = layer(x, cos, sin, mask, past_k, past_v)
             keys.append(past_k * kept + torch.einsum("bcip,pr->bcir", k, write))
             values.append(past_v * kept + torch.einsum("bcip,pr->bcir", v, write))
-        return b.head(x), conv1_next, conv2_next, torch.cat(keys), torch.cat(values)
+        return self.head(x), conv1_next, conv2_next, torch.cat(keys), torch.cat(values)
 
     def mask(self, first: torch.Tensor, new_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(1, R + P, 1, P): the cache's slots (position of slot s: the last p < first with p = s mod R), then
@@ -234,7 +245,7 @@ def body_state_dict(weights: dict[str, torch.Tensor], dims: RealtimeDims) -> dic
 
 def _build(module: nn.Module, weights, dims, buffers: dict[str, torch.Tensor]):
     dtype = next(iter(weights.values())).dtype
-    state = {f"body.{k}": v for k, v in body_state_dict(weights, dims).items()}
+    state = body_state_dict(weights, dims)
     state.update({k: v if v.dtype == torch.int32 else v.to(dtype) for k, v in buffers.items()})
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)

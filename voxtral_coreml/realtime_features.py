@@ -6,7 +6,7 @@ padded to 30 s. So a frame depends only on the 400 samples under its window, and
 
 Frames: N samples give N // 160 frames (torch.stft with center=True gives 1 + N // 160; the last is dropped).
 Frame t is centred on sample 160 t and reads samples [160 t - 200, 160 t + 200); at the edges the STFT reflects the
-clip (frames 0 and 1 read x[1..200] mirrored, the last frame may read up to 40 mirrored samples at the end).
+clip (frames 0 and 1 read samples of x[1..200] mirrored, the last frame up to 40 mirrored samples at the end).
 The encoder needs 8 frames per token (conv2's stride 2, then the projector's 4 frames): 1280 samples, 80 ms.
 
 What `VoxtralRealtimeProcessor` adds (mistral-common's audio encoder, with the real model's tekken.json: 32 left-pad
@@ -113,12 +113,12 @@ class StreamingLogMel:
     def push(self, samples: np.ndarray) -> list[torch.Tensor]:
         """Append samples; returns the chunks [128, chunk_frames] that became final (possibly none)."""
         samples = _checked(samples)
-        started = self.samples_received > LOOKAHEAD  # the left reflection is in place
+        reflected = self.samples_received > LOOKAHEAD  # the left reflection (x[200] .. x[1]) is in place
         self.samples_received += len(samples)
         self._window = np.concatenate([self._window, samples])
-        if not started and self.samples_received > LOOKAHEAD:
-            self._window = np.concatenate([self._window[1 : LOOKAHEAD + 1][::-1], self._window])
-        if started or self.samples_received > LOOKAHEAD:
+        if self.samples_received > LOOKAHEAD:
+            if not reflected:
+                self._window = np.concatenate([self._window[1 : LOOKAHEAD + 1][::-1], self._window])
             self._take_frames((len(self._window) - N_FFT) // HOP_LENGTH + 1)
         return self._chunks(whole_only=True)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.milrun import MilModel, load_package, op_counts
+from voxtral_coreml.package_info import ane_report, package_structure
 
 C, L, K, CONTEXT = 8, 6, 4, 2  # channels, ring slots, tokens per call (4 does not divide 6: writes wrap), conv context
 STEPS = 5  # 20 tokens through 6 slots: the ring wraps three times
@@ -229,3 +230,24 @@ def test_multifunction_stores_shared_weights_once(toy, multifunction) -> None:
     assert package_bytes(multifunction) < package_bytes(toy["packages"]["offline"]) + package_bytes(
         toy["packages"]["fp16"]
     )
+
+
+def test_package_structure_describes_states_and_functions(toy, multifunction) -> None:
+    states = [
+        {"name": "conv_state", "shape": [1, CONTEXT, C], "dtype": "float16", "bytes": CONTEXT * C * 2},
+        {"name": "ring", "shape": [1, L, C], "dtype": "float16", "bytes": L * C * 2},
+    ]
+    single = package_structure(toy["packages"]["fp16"])
+    assert single["states"] == states and "functions" not in single
+    assert [i["name"] for i in single["inputs"]] == ["x", "pos"]
+    assert package_structure(toy["packages"]["offline"])["states"] == []
+
+    multi = package_structure(multifunction)
+    assert multi["default_function"] == "step" and multi["spec_version"] == 9
+    assert set(multi["functions"]) == {"offline", "step"}
+    assert multi["functions"]["step"] == {key: single[key] for key in ("inputs", "outputs", "states", "ops")}
+    assert multi["functions"]["offline"]["states"] == [] and multi["functions"]["offline"]["ops"].get("linear") == 1
+    assert {key: multi[key] for key in ("inputs", "states", "ops")} == {
+        key: single[key] for key in ("inputs", "states", "ops")
+    }  # the top level describes the default function
+    assert ane_report(multifunction)["ops"] == single["ops"]

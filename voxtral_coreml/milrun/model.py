@@ -12,6 +12,7 @@ from coremltools.converters.mil.mil import Function, Program, Var, types
 from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
 from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.package_info import default_function
 
 from .dtypes import IO_NUMPY, dtype_name
 from .ops_state import StateBuffer
@@ -168,7 +169,7 @@ def load_package(path: str | Path, function_name: str | None = None) -> MilModel
     A multifunction package runs the function named (by default the one its spec names as default).
     """
     loaded = read_package(path)
-    function = function_name or loaded.spec.description.defaultFunctionName or MAIN
+    function = function_name or default_function(loaded.spec)
     return MilModel(loaded.program, str(path), loaded.spec.specificationVersion, function)
 
 

@@ -659,10 +659,12 @@ def test_cast_to_narrow_integers_wraps_like_c() -> None:
             mb.cast(x=mb.cast(x=x, dtype="int16"), dtype="int32"),
             mb.cast(x=mb.cast(x=x, dtype="int8"), dtype="int32"),
             mb.cast(x=mb.cast(x=x, dtype="uint8"), dtype="int32"),
+            mb.cast(x=mb.cast(x=x, dtype="uint16"), dtype="int32"),
         )
 
     x = np.array([-3, 749, 40000, 300], np.int32)
-    as_int16, as_int8, as_uint8 = run_program(prog, x=x)
+    as_int16, as_int8, as_uint8, as_uint16 = run_program(prog, x=x)
+    np.testing.assert_array_equal(as_uint16, x.astype(np.uint16))  # held as int32: -3 must still wrap to 65533
     np.testing.assert_array_equal(as_int16, x.astype(np.int16))
     np.testing.assert_array_equal(as_int8, x.astype(np.int8))
     np.testing.assert_array_equal(as_uint8, x.astype(np.uint8))

@@ -56,8 +56,9 @@ def _gelu(a: OpArgs) -> Result:
     raise VoxtralError(f"gelu mode {mode!r} is not a MIL gelu mode")
 
 
-# iOS17 added the narrow integer types (iOS18 programs cast gather indices to int16); int to int wraps like C.
-_CAST_TARGETS = ("fp16", "fp32", "int8", "uint8", "int16", "int32", "bool")
+# iOS17 added the narrow integer types (iOS18 programs cast gather indices to int16 or uint16); int to int wraps
+# like C. uint16 is held widened to int32 (dtypes.STORAGE), so its wrap is spelled out.
+_CAST_TARGETS = ("fp16", "fp32", "int8", "uint8", "int16", "uint16", "int32", "bool")
 
 
 def _cast(a: OpArgs) -> Result:
@@ -65,7 +66,10 @@ def _cast(a: OpArgs) -> Result:
     dtype = a.text("dtype")
     if dtype not in _CAST_TARGETS:
         raise VoxtralError(f"cast to {dtype!r} is not one of the MIL cast dtypes {_CAST_TARGETS}")
-    return a.tensor("x").to(STORAGE[dtype])
+    x = a.tensor("x")
+    if dtype == "uint16":
+        return x.to(torch.int64).remainder(1 << 16).to(STORAGE[dtype])
+    return x.to(STORAGE[dtype])
 
 
 def _floor_div(a: OpArgs) -> Result:

@@ -1,6 +1,7 @@
 """Stateful and multifunction packages converted by coremltools from torch modules, run by the MIL runtime
 across several calls and compared with the modules' own stateful results."""
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.milrun import MilModel, load_package, op_counts
-from voxtral_coreml.package_info import ane_report, package_structure
+from voxtral_coreml.package_info import SPEC_FILE, ane_report, package_structure
 
 C, L, K, CONTEXT = 8, 6, 4, 2  # channels, ring slots, tokens per call (4 does not divide 6: writes wrap), conv context
 STEPS = 5  # 20 tokens through 6 slots: the ring wraps three times
@@ -251,3 +252,16 @@ def test_package_structure_describes_states_and_functions(toy, multifunction) ->
         key: single[key] for key in ("inputs", "states", "ops")
     }  # the top level describes the default function
     assert ane_report(multifunction)["ops"] == single["ops"]
+
+
+def test_a_default_function_the_program_lacks_is_named(multifunction, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.mlpackage"
+    shutil.copytree(multifunction, broken)
+    spec = ct.utils.load_spec(str(broken))
+    spec.description.defaultFunctionName = "prefill"
+    (broken / SPEC_FILE).write_bytes(spec.SerializeToString())
+    with pytest.raises(VoxtralError, match=r"broken\.mlpackage: the ML program has no 'prefill' function"):
+        package_structure(broken)
+    with pytest.raises(VoxtralError, match=r"broken\.mlpackage: the ML program has no 'prefill' function"):
+        load_package(broken)
+    assert load_package(broken, function_name="offline").function_name == "offline"

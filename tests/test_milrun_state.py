@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import coremltools as ct
+import coremltools.optimize.coreml as cto
 import numpy as np
 import pytest
 import torch
@@ -231,6 +232,37 @@ def test_multifunction_stores_shared_weights_once(toy, multifunction) -> None:
     assert package_bytes(multifunction) < package_bytes(toy["packages"]["offline"]) + package_bytes(
         toy["packages"]["fp16"]
     )
+
+
+def test_int8_functions_share_their_quantized_weights(toy) -> None:
+    """Compressed the same way (int8, iOS18), the two functions' quantized weights are stored once, and each
+    function decompresses and computes exactly what its source package does."""
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(weight_threshold=0))
+    root = toy["root"] / "int8"
+    root.mkdir()
+    sources = {}
+    for name in ("offline", "fp16"):
+        sources[name] = root / f"{name}.mlpackage"
+        cto.linear_quantize_weights(ct.models.MLModel(str(toy["packages"][name]), skip_model_load=True), config).save(
+            str(sources[name])
+        )
+    desc = ct.utils.MultiFunctionDescriptor()
+    desc.add_function(str(sources["offline"]), src_function_name="main", target_function_name="offline")
+    desc.add_function(str(sources["fp16"]), src_function_name="main", target_function_name="step")
+    desc.default_function_name = "step"
+    multi = root / "multi.mlpackage"
+    ct.utils.save_multifunction(desc, str(multi))
+    assert weight_bytes(multi) == weight_bytes(sources["fp16"]) < weight_bytes(toy["packages"]["fp16"])
+    offline = load_package(multi, function_name="offline")
+    assert "constexpr_blockwise_shift_scale" in op_counts(offline)
+    window = np.random.default_rng(6).uniform(-1, 1, (1, 3 * K, C)).astype(np.float32)
+    np.testing.assert_array_equal(
+        offline.predict({"x": window})["out"], load_package(sources["offline"]).predict({"x": window})["out"]
+    )
+    xs = chunks(seed=7)
+    got, _ = runtime_stream(load_package(multi), xs)
+    for g, w in zip(got, runtime_stream(load_package(sources["fp16"]), xs)[0], strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_package_structure_describes_states_and_functions(toy, multifunction) -> None:

@@ -297,3 +297,8 @@ def test_a_default_function_the_program_lacks_is_named(multifunction, tmp_path: 
     with pytest.raises(VoxtralError, match=r"broken\.mlpackage: the ML program has no 'prefill' function"):
         load_package(broken)
     assert load_package(broken, function_name="offline").function_name == "offline"
+    spec.description.defaultFunctionName = "step"
+    spec.description.functions.add().name = "prefill"
+    (broken / SPEC_FILE).write_bytes(spec.SerializeToString())
+    with pytest.raises(VoxtralError, match=r"broken\.mlpackage: the spec describes functions \['prefill'\] its ML"):
+        package_structure(broken)

@@ -67,6 +67,9 @@ def package_structure(package: Path) -> dict[str, object]:
     if default not in spec.mlProgram.functions:
         raise VoxtralError(f"{package}: the ML program has no {default!r} function")
     described = {f.name: f for f in spec.description.functions} or {default: spec.description}
+    missing = sorted(set(described) - set(spec.mlProgram.functions))
+    if missing:
+        raise VoxtralError(f"{package}: the spec describes functions {missing} its ML program lacks")
     functions = {name: _function_structure(described[name], spec.mlProgram.functions[name]) for name in described}
     structure: dict[str, object] = {**functions[default], "spec_version": spec.specificationVersion}
     if spec.description.functions:

@@ -40,13 +40,23 @@ def _squeeze(a: OpArgs) -> Result:
     return x.squeeze(tuple(a.ints("axes")))
 
 
+def _ascending_slice(size: int, begin: int | None, end: int | None, stride: int) -> slice:
+    """The elements of x[begin:end:stride] along a dim of `size`, as an ascending slice (torch slicing has no
+    negative steps: a reversed slice is this one, flipped)."""
+    start, stop, step = slice(begin, end, stride).indices(size)
+    count = len(range(start, stop, step))
+    if count == 0:
+        return slice(0, 0)
+    first, last = (start, start + step * (count - 1)) if step > 0 else (start + step * (count - 1), start)
+    return slice(first, last + 1, abs(step))
+
+
 def _index_slices(a: OpArgs, shape: torch.Size) -> tuple[tuple[slice, ...], tuple[int, ...], tuple[int, ...]]:
-    """The region slice_by_index / slice_update address, as ascending slices, the dims whose elements run in
-    reverse (a negative stride), and the dims squeeze_mask drops.
+    """The region slice_by_index / slice_update address: ascending slices per dim, the dims whose elements run
+    in reverse (a negative stride), and the dims squeeze_mask drops.
 
     A set begin/end mask means that bound is open (as None in x[b:e:s]); a set squeeze_mask takes the single
-    element at begin. torch slicing has no negative steps: x[b:e:-s] is the ascending slice of the same
-    elements, flipped.
+    element at begin.
     """
     rank = len(shape)
     begin, end = a.ints("begin"), a.ints("end")
@@ -54,23 +64,15 @@ def _index_slices(a: OpArgs, shape: torch.Size) -> tuple[tuple[slice, ...], tupl
     begin_mask = a.ints("begin_mask", [0] * rank)
     end_mask = a.ints("end_mask", [0] * rank)
     squeeze_mask = a.ints("squeeze_mask", [0] * rank)
-    slices: list[slice] = []
-    for dim in range(rank):
-        if squeeze_mask[dim]:
-            start = begin[dim] % shape[dim]
-            slices.append(slice(start, start + 1))
-            continue
-        start, stop, step = slice(
-            None if begin_mask[dim] else begin[dim], None if end_mask[dim] else end[dim], stride[dim]
-        ).indices(shape[dim])
-        count = len(range(start, stop, step))
-        if step > 0 or count == 0:
-            slices.append(slice(start, start + step * count if step > 0 else start, abs(step)))
-        else:
-            slices.append(slice(start + step * (count - 1), start + 1, -step))
+    slices = tuple(
+        slice(begin[d] % shape[d], begin[d] % shape[d] + 1)
+        if squeeze_mask[d]
+        else _ascending_slice(shape[d], None if begin_mask[d] else begin[d], None if end_mask[d] else end[d], stride[d])
+        for d in range(rank)
+    )
     flipped = tuple(d for d in range(rank) if stride[d] < 0 and not squeeze_mask[d])
     squeezed = tuple(d for d in range(rank) if squeeze_mask[d])
-    return tuple(slices), flipped, squeezed
+    return slices, flipped, squeezed
 
 
 def _slice_by_index(a: OpArgs) -> Result:

@@ -16,6 +16,12 @@ def detect(root: Path) -> bool:
     return True  # the default family: whatever no other family claims
 
 
+def write_synthetic(*args, **kwargs) -> None:
+    from .sources import write_synthetic
+
+    write_synthetic(*args, **kwargs)
+
+
 def compute_reference(*args, **kwargs):
     from .reference import compute_reference
 
@@ -34,7 +40,13 @@ def convert_package(*args, **kwargs):
     return convert_package(*args, **kwargs)
 
 
-def io_contract(dims: EncoderDims) -> dict:
+def io_contract(dims: EncoderDims, manifest: dict | None = None) -> dict:
     from .convert import io_contract
 
     return io_contract(dims)
+
+
+def package_name(variant: str) -> str:
+    from .convert import package_name
+
+    return package_name(variant)

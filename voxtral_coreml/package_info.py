@@ -178,7 +178,7 @@ def ane_report(package: Path) -> dict[str, object]:
 
     structure = package_structure(package)  # validates the package first
     graph = _Graph(ct.utils.load_spec(str(package)))
-    compute = [op for op in graph.ops if op.type != "const"]
+    compute = [op for op in graph.ops if op.type != "const" and op.outputs]  # write_state has no output
     inside = _inside_attention(graph)
     layout_outside = Counter(op.type for op in compute if op.type in LAYOUT_OPS and op.outputs[0].name not in inside)
     fp32 = Counter(op.type for op in compute if any(graph.types[o.name][0] == "float32" for o in op.outputs))

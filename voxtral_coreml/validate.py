@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .backends import resolve_backend, run_package
-from .convert import MANIFEST, io_contract
-from .dims import EncoderDims
+from .convert import MANIFEST
+from .families import family_module, family_of
 from .errors import VoxtralError
 from .layouts import read_json
 from .metrics import compare_embeddings
@@ -106,8 +106,9 @@ def validate_package(
     depend on the machine and are kept apart. A sweep measures points below the gate too: `enforce_gate=False`."""
     package, manifest = find_package(Path(package_dir))
     structure = package_structure(package)
-    dims = EncoderDims.from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
-    check_structure(package, manifest, structure, io_contract(dims))
+    family = family_module(family_of(manifest))
+    dims = family.dims_from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
+    check_structure(package, manifest, structure, family.io_contract(dims, manifest))
     backend = resolve_backend(backend)
     log.info("validating %s with the %s backend", package, backend)
     embeddings, timings = run_package(backend, package, reference["mel"])

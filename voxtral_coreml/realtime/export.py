@@ -93,6 +93,14 @@ def _later(a: str, b: str) -> str:
     return max(a, b, key=list(TARGETS).index)
 
 
+def _stateful_pipeline():
+    """The project's pipeline less the pass that fails on a state written twice from slices (coremltools 9.0:
+    KeyError in common::canonicalize_inplace_pattern)."""
+    pipeline = pass_pipeline()
+    pipeline.remove_passes(["common::canonicalize_inplace_pattern"])
+    return pipeline
+
+
 def _convert(module: nn.Module, example: tuple, inputs: list, outputs: list, target: str, states=None):
     import coremltools as ct
 
@@ -108,7 +116,7 @@ def _convert(module: nn.Module, example: tuple, inputs: list, outputs: list, tar
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, target),
-            pass_pipeline=pass_pipeline(),
+            pass_pipeline=_stateful_pipeline() if states else pass_pipeline(),
             skip_model_load=True,  # loading compiles the model, which only macOS can do
         )
 
@@ -129,6 +137,9 @@ def to_mlprogram(weights, dims: RealtimeDims, target: str, streaming: dict | Non
     step = build_step_encoder(weights, dims, streaming["tokens_per_step"], attention, query_chunk)
     if streaming["form"] == "explicit":
         return _convert(step, examples, inputs, outputs, target)
+    # coremltools 9 lifts the weights of a stateful program to fp32 whatever their dtype: give it fp32 (the fp16
+    # compute precision stores them as fp16 all the same); the states stay fp16, as Core ML requires.
+    step = build_step_encoder({n: w.float() for n, w in weights.items()}, dims, streaming["tokens_per_step"], attention, query_chunk)
     shapes = state_shapes(dims)
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes[n], dtype=np.float16), name=n) for n in STATE_NAMES]
     return _convert(StatefulStep(step), examples, inputs, outputs, target, states)

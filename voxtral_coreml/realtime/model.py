@@ -111,10 +111,11 @@ class RealtimeBody(nn.Module):
 
     def stem(self, mel: torch.Tensor, conv1_context: torch.Tensor, conv2_context: torch.Tensor):
         """mel (B, M, 1, T) after its left contexts -> (B, d, 1, T/2), and the contexts the next call needs."""
-        x = torch.cat([conv1_context, mel], dim=3)
+        x = torch.cat([conv1_context.to(mel.dtype), mel], dim=3)
         h = F.gelu(self.conv1(x))
-        y = torch.cat([conv2_context, h], dim=3)
-        return F.gelu(self.conv2(y)), x[..., -CONV1_CONTEXT:], y[..., -CONV2_CONTEXT:]
+        y = torch.cat([conv2_context.to(h.dtype), h], dim=3)
+        context = conv1_context.dtype  # the state's dtype (fp16), whatever the weights'
+        return F.gelu(self.conv2(y)), x[..., -CONV1_CONTEXT:].to(context), y[..., -CONV2_CONTEXT:].to(context)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         embeddings = self.multi_modal_projector(self.norm(x))  # (B, H, 1, T/8)
@@ -124,9 +125,9 @@ class RealtimeBody(nn.Module):
 def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, valid: torch.Tensor, window: int, dtype) -> torch.Tensor:
     """(1, Sk, 1, Sq) additive mask: key j is seen by query i iff valid[j] and 0 <= pos_i - pos_j < window."""
     age = query_pos[None, :] - key_pos[:, None]  # (Sk, Sq), int32
-    seen = (age >= 0) & (age < window) & valid[:, None]
-    zero = torch.zeros((), dtype=dtype)
-    return torch.where(seen, zero, torch.full((), MASKED, dtype=dtype))[None, :, None, :]
+    seen = torch.logical_and(torch.logical_and(age >= 0, age < window), valid[:, None])  # coremltools: no `&`
+    one = torch.full((), 1.0, dtype=dtype)  # constants in the activation dtype (coremltools promotes floats)
+    return ((seen.to(dtype) - one) * torch.full((), -MASKED, dtype=dtype))[None, :, None, :]
 
 
 class RealtimeEncoderANE(RealtimeBody):
@@ -148,9 +149,11 @@ class RealtimeEncoderANE(RealtimeBody):
 
     def offline_stem(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
         x = mel_spectrogram.unsqueeze(2).to(self.conv1.weight.dtype)
-        zeros1 = torch.zeros(1, self.dims.n_mels, 1, CONV1_CONTEXT, dtype=x.dtype)  # a stream starts from silence
-        zeros2 = torch.zeros(1, self.dims.d_model, 1, CONV2_CONTEXT, dtype=x.dtype)
-        return self.stem(x, zeros1, zeros2)[0]
+        # A stream starts from zeros: conv1 padded by 2 on both sides keeps its first T outputs (they see only
+        # the left padding); conv2 padded by 1 reads no right padding at all for an even T.
+        h = F.gelu(F.conv2d(x, self.conv1.weight, self.conv1.bias, padding=(0, CONV1_CONTEXT)))
+        h = h[..., : x.shape[3]]
+        return F.gelu(F.conv2d(h, self.conv2.weight, self.conv2.bias, stride=(1, 2), padding=(0, CONV2_CONTEXT)))
 
     def causal_mask(self, dtype: torch.dtype) -> torch.Tensor:
         everyone = torch.ones_like(self.positions, dtype=torch.bool)
@@ -194,13 +197,13 @@ class RealtimeStepANE(RealtimeBody):
         cos, sin = step_rope(new_pos, self.rope_low, self.rope_high, dims.n_heads, x.dtype)
         mask = self.mask(first, new_pos, x.dtype)
         write = self.write_matrix(new_pos, x.dtype)  # (P, R): one-hot slot of each new position
-        kept = 1 - write.sum(dim=0)  # (R,): 0 where a slot is overwritten
+        kept = torch.full((), 1.0, dtype=x.dtype) - write.sum(dim=0)  # (R,): 0 where a slot is overwritten
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            past_k, past_v = key_cache[i : i + 1], value_cache[i : i + 1]
+            past_k, past_v = key_cache[i : i + 1].to(x.dtype), value_cache[i : i + 1].to(x.dtype)
             x, k, v = layer(x, cos, sin, mask, past_k, past_v)
-            keys.append(past_k * kept + torch.einsum("bcip,pr->bcir", k, write))
-            values.append(past_v * kept + torch.einsum("bcip,pr->bcir", v, write))
+            keys.append((past_k * kept + torch.einsum("bcip,pr->bcir", k, write)).to(key_cache.dtype))
+            values.append((past_v * kept + torch.einsum("bcip,pr->bcir", v, write)).to(value_cache.dtype))
         return self.head(x), conv1_next, conv2_next, torch.cat(keys), torch.cat(values)
 
     def mask(self, first: torch.Tensor, new_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -218,7 +221,7 @@ class RealtimeStepANE(RealtimeBody):
         slot = torch.remainder(new_pos, r)
         onehot = slot[:, None] == self.slots[None, :]
         if self.new_positions > r:
-            onehot = onehot & (torch.arange(self.new_positions) >= self.new_positions - r)[:, None]
+            onehot = torch.logical_and(onehot, (torch.arange(self.new_positions) >= self.new_positions - r)[:, None])
         return onehot.to(dtype)
 
 

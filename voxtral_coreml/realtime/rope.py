@@ -52,9 +52,15 @@ def step_tables(dims: RealtimeDims) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_rope(positions: torch.Tensor, low: torch.Tensor, high: torch.Tensor, n_heads: int, dtype: torch.dtype):
-    """cos, sin (1, A, 1, P) of int32 positions (< MAX_POSITIONS), by angle addition from the two tables."""
+    """cos, sin (1, A, 1, P) of int32 positions (< MAX_POSITIONS), by angle addition from the two tables.
+
+    p mod LOW indexes the low table (a gather); the high row is picked by int32 comparisons against the rows'
+    first positions and a one-hot matmul, because Core ML's converter turns an integer division into float math,
+    which fp16 cannot do exactly."""
     lo = torch.index_select(low, 1, torch.remainder(positions, ROPE_LOW))  # (2, P, half)
-    hi = torch.index_select(high, 1, torch.div(positions, ROPE_LOW, rounding_mode="floor"))
+    starts = torch.arange(ROPE_HIGH, dtype=torch.int32) * ROPE_LOW
+    row = torch.logical_and(positions[:, None] >= starts, positions[:, None] < starts + ROPE_LOW)  # (P, HIGH)
+    hi = torch.einsum("ph,chf->cpf", row.to(high.dtype), high)
     cos = lo[0] * hi[0] - lo[1] * hi[1]
     sin = lo[1] * hi[0] + lo[0] * hi[1]
     return per_channel(cos, n_heads).to(dtype), per_channel(sin, n_heads).to(dtype)

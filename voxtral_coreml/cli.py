@@ -24,33 +24,47 @@ def recipe_config(name: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _extract_to(checkpoint: Path, layout: str, workdir: Path) -> Path:
+def _extract_to(checkpoint: Path, layout: str, workdir: Path, family: str = "auto") -> Path:
     from .extract import extract_audio_tower
 
     extracted = workdir / "extracted"
-    extract_audio_tower(checkpoint, extracted, layout=layout, source={"kind": "local", "name": checkpoint.name})
+    source = {"kind": "local", "name": checkpoint.name}
+    extract_audio_tower(checkpoint, extracted, layout=layout, source=source, family=family)
     return extracted
 
 
+def _streaming_options(args: argparse.Namespace) -> dict:
+    """convert's streaming flags as convert_package's keyword (Realtime only), checked before any work."""
+    if args.streaming == "none":
+        return {}
+    if args.family == "2507":
+        raise VoxtralError("--streaming: the 2507 encoders are bidirectional over 30 s windows and cannot stream")
+    return {"streaming": {"form": args.streaming, "tokens_per_step": args.tokens_per_step}}
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .convert import convert_package, infer_variant, package_name
-    from .dims import EncoderDims, read_encoder_json
+    from .dims import read_encoder_json
+    from .families import family_of, family_of_extracted
     from .recipes import Recipe
 
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
+    options = _streaming_options(args)
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix=".voxtral-", dir=out.parent if out.parent.exists() else None) as tmp:
-        extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
-        dims = EncoderDims.from_json(read_encoder_json(extracted)["dims"], str(extracted))
-        variant = args.variant or infer_variant(dims)
-        package = out if out.suffix == ".mlpackage" else out / package_name(variant)
-        manifest = convert_package(
+        extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp), args.family)
+        family = family_of_extracted(extracted)
+        if options and family_of(read_encoder_json(extracted)) != "realtime":
+            raise VoxtralError(f"{args.checkpoint}: --streaming needs a Voxtral Realtime checkpoint")
+        variant = args.variant or family.default_variant(extracted)
+        package = out if out.suffix == ".mlpackage" else out / family.package_name(variant, **options)
+        manifest = family.convert_package(
             extracted,
             package,
             recipe,
             model_name=Path(args.checkpoint).name,
             variant=variant,
             attention=args.attention,
+            **options,
         )
     print(f"{package}: {manifest['outputs'][0]['shape']} ({manifest['size_bytes'] / 1e6:.1f} MB)")
 
@@ -104,13 +118,29 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  ops with rank > 4 tensors: {ane['ops_with_rank_over_4']}")
 
 
+def _check_tokens_per_step(args: argparse.Namespace) -> None:
+    """--tokens-per-step is the package's build parameter: named here only to be checked against it."""
+    if args.tokens_per_step is None:
+        return
+    from .validate import find_package
+
+    package, manifest = find_package(Path(args.package))
+    built = manifest.get("streaming", {}).get("tokens_per_step")
+    if not args.stream or built != args.tokens_per_step:
+        raise VoxtralError(
+            f"{package}: --tokens-per-step {args.tokens_per_step} needs --stream and a streaming package built with "
+            f"that many tokens per step (this one: {built or 'not a streaming package'})"
+        )
+
+
 def cmd_encode(args: argparse.Namespace) -> None:
     from .encode import check_output_path, encode_audio, save_embeddings, summary
 
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_path(out)  # before the work, not after it
-    encoding = encode_audio(args.audio, args.package, backend=args.backend)
+    _check_tokens_per_step(args)
+    encoding = encode_audio(args.audio, args.package, backend=args.backend, stream=args.stream)
     if out is not None:
         save_embeddings(out, encoding.embeddings)
         print(f"{out}: audio_embeddings {list(encoding.embeddings.shape)}")
@@ -138,6 +168,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", choices=["Mini", "Small"], help="default: from the projector's width")
     c.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
     c.add_argument("--attention", default="split_heads", help="attention core (see conf/config.yaml)")
+    c.add_argument("--family", default="auto", choices=["auto", "2507", "realtime"], help="encoder family (default: detected)")
+    c.add_argument(
+        "--streaming",
+        default="none",
+        choices=["none", "stateful", "explicit"],
+        help="Realtime only: a streaming step with Core ML states (iOS 18) or with the state as inputs/outputs "
+        "(iOS 16) instead of the offline window (default: none)",
+    )
+    c.add_argument("--tokens-per-step", type=int, default=1, help="streaming: tokens (80 ms each) per call (default: 1)")
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("validate", help="compare a package's embeddings with transformers")
@@ -160,6 +199,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--package", required=True, help="an encoder .mlpackage (manifest.json beside it)")
     e.add_argument("--out", help="write the embeddings to FILE.npy or FILE.safetensors (default: print a summary)")
     e.add_argument("--backend", default="auto", help="auto (Core ML on macOS, else mil) | mil | coreml")
+    e.add_argument(
+        "--stream",
+        action="store_true",
+        help="Realtime streaming package: feed the clip as a microphone would, K x 80 ms per call, and print "
+        "per-step timings",
+    )
+    e.add_argument("--tokens-per-step", type=int, help="check the streaming package's K (a build parameter)")
     e.set_defaults(func=cmd_encode)
 
     h = sub.add_parser("publish", help="upload the pipeline's packages to a Hugging Face model repo")

@@ -20,6 +20,7 @@ from .atomic import atomic_path
 from .backends import load_predictor, resolve_backend
 from .convert import INPUT_NAME, OUTPUT_NAME
 from .errors import VoxtralError
+from .families import family_module, family_of
 from .features import SAMPLE_RATE, load_audio, log_mel_windows
 from .safetensors_io import TensorSpec, write_safetensors
 from .validate import find_package
@@ -35,7 +36,8 @@ class Encoding:
     seconds: float  # the audio's duration
     backend: str
     load_s: float
-    window_s: tuple[float, ...]  # one package call per window
+    window_s: tuple[float, ...]  # one package call per window (per step for a streaming package)
+    call: str = "window of 30 s"  # what one package call covers
 
 
 def check_output_path(out: Path) -> None:
@@ -45,27 +47,41 @@ def check_output_path(out: Path) -> None:
         raise VoxtralError(f"{out}: unknown output format {suffix!r}; use {' or '.join(OUTPUT_FORMATS)}")
 
 
-def encoder_package(path: Path) -> Path:
+def encoder_package(path: Path) -> tuple[Path, dict]:
     package, manifest = find_package(path)
     outputs = [o.get("name") for o in manifest.get("outputs", [])]
-    if outputs != [OUTPUT_NAME]:
+    if outputs[:1] != [OUTPUT_NAME]:
         raise VoxtralError(f"{package}: not an encoder package (outputs {outputs}, expected ['{OUTPUT_NAME}'])")
-    return package
+    return package, manifest
 
 
 def encode_audio(
-    audio: str | os.PathLike[str], package: str | os.PathLike[str], backend: str = "auto", progress: bool = True
+    audio: str | os.PathLike[str],
+    package: str | os.PathLike[str],
+    backend: str = "auto",
+    progress: bool = True,
+    stream: bool = False,
 ) -> Encoding:
-    """Load the audio, cut its log-mel into 30 s windows and run each through the package."""
-    package = encoder_package(Path(package))
+    """Load the audio and run it through the package as its family does: 30 s windows for 2507, one window or
+    a stream of 80 ms steps (`stream`) for Realtime."""
+    package, manifest = encoder_package(Path(package))
     backend = resolve_backend(backend, "--backend")
     samples = load_audio(audio)
+    return family_module(family_of(manifest)).encode(samples, package, manifest, backend, stream, progress)
+
+
+def encode_windows(samples: np.ndarray, package: Path, manifest: dict, backend: str, stream: bool, progress: bool):
+    """The 2507 encoders: the clip's log-mel cut into 30 s windows, one package call each."""
+    if stream:
+        from .realtime.stream import check_streaming
+
+        check_streaming(package, manifest)  # raises: 2507 packages cannot stream
     windows = log_mel_windows(samples)
     started = time.perf_counter()
     predict = load_predictor(backend, package)
     load_s = time.perf_counter() - started
     chunks, window_s = [], []
-    for window in tqdm(windows, desc=Path(audio).name, unit="window", disable=not progress):
+    for window in tqdm(windows, desc=package.name, unit="window", disable=not progress):
         started = time.perf_counter()
         output = predict({INPUT_NAME: window[None].numpy()})[OUTPUT_NAME]
         window_s.append(time.perf_counter() - started)
@@ -88,10 +104,10 @@ def save_embeddings(out: Path, embeddings: torch.Tensor) -> None:
 
 def summary(encoding: Encoding) -> str:
     e, n = encoding.embeddings, len(encoding.window_s)
-    per_window = sum(encoding.window_s) / n
+    per_call = sum(encoding.window_s) / n
     return (
         f"audio_embeddings {list(e.shape)} float32 from {encoding.seconds:.1f} s of audio "
-        f"({n} window{'s' if n > 1 else ''} of 30 s); "
+        f"({n} call{'s' if n > 1 else ''}, one per {encoding.call}); "
         f"mean {e.mean().item():.4g}, std {e.std().item():.4g}, min {e.min().item():.4g}, max {e.max().item():.4g}; "
-        f"{encoding.backend}: load {encoding.load_s:.2f} s, {per_window:.2f} s per window"
+        f"{encoding.backend}: load {encoding.load_s:.2f} s, {per_call:.3f} s per call"
     )

@@ -46,6 +46,19 @@ def io_contract(dims: EncoderDims, manifest: dict | None = None) -> dict:
     return io_contract(dims)
 
 
+def default_variant(extracted_dir) -> str:
+    from .convert import infer_variant
+    from .dims import read_encoder_json
+
+    return infer_variant(EncoderDims.from_json(read_encoder_json(extracted_dir)["dims"], str(extracted_dir)))
+
+
+def encode(*args, **kwargs):
+    from .encode import encode_windows
+
+    return encode_windows(*args, **kwargs)
+
+
 def package_name(variant: str) -> str:
     from .convert import package_name
 

@@ -15,6 +15,7 @@ FAMILY = "realtime"
 MEL_FRAMES_PER_TOKEN = 2 * FRAMES_PER_EMBEDDING  # conv2's stride 2, then 4 frames per embedding: 8 (80 ms)
 SLIDING_WINDOW = 750  # transformers' VoxtralRealtimeEncoderConfig default: 15 s of encoder positions
 STATE_ALIGN = 32  # Core ML states want dimensions that are multiples of 32
+MAX_STATE_BYTES = 1 << 30  # fp16 caches beyond 1 GiB: no iPhone keeps a model that large on the Neural Engine
 CONV1_CONTEXT = CONV_KERNEL - 1  # causal left context of conv1 (stride 1), in mel frames
 CONV2_CONTEXT = CONV_KERNEL - 2  # causal left context of conv2 (stride 2), in conv1 frames
 
@@ -41,6 +42,12 @@ class RealtimeDims:
             raise VoxtralError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.mel_frames % MEL_FRAMES_PER_TOKEN:
             raise VoxtralError(f"mel_frames {self.mel_frames} is not a multiple of {MEL_FRAMES_PER_TOKEN}")
+        if self.cache_bytes > MAX_STATE_BYTES:
+            raise VoxtralError(
+                f"sliding_window {self.sliding_window}: the streaming state would hold {self.cache_bytes / 2**30:.1f} "
+                f"GiB of keys and values ({self.n_layers} layers x 2 x {self.cache_slots} x {self.attn_dim} fp16), "
+                f"more than the {MAX_STATE_BYTES >> 30} GiB a device can keep"
+            )
 
     @property
     def attn_dim(self) -> int:
@@ -62,6 +69,10 @@ class RealtimeDims:
     def cache_slots(self) -> int:
         """Ring-buffer slots per layer: the window's past (window - 1 positions), rounded up for Core ML states."""
         return math.ceil((self.sliding_window - 1) / STATE_ALIGN) * STATE_ALIGN
+
+    @property
+    def cache_bytes(self) -> int:
+        return 2 * self.n_layers * self.cache_slots * self.attn_dim * 2  # keys and values, fp16
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return canonical_tensor_shapes(self)

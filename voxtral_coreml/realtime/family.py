@@ -105,10 +105,34 @@ def convert_package(*args, **kwargs):
     return convert_package(*args, **kwargs)
 
 
-def package_name(variant: str | None = None) -> str:
-    from .export import OFFLINE_PACKAGE
+def encode(samples, package: Path, manifest: dict, backend: str, stream: bool, progress: bool):
+    """Realtime audio -> Encoding: the offline window, or (`stream`) the streaming package step by step."""
+    from ..encode import Encoding
+    from ..features import SAMPLE_RATE
+    from .encode import encode_offline, encode_streaming
 
-    return OFFLINE_PACKAGE
+    streaming = "streaming" in manifest
+    if streaming != stream:
+        hint = "pass --stream" if streaming else "--stream needs a streaming package (convert --streaming ...)"
+        raise VoxtralError(f"{package}: a {'streaming' if streaming else 'offline'} Realtime package: {hint}")
+    seconds = len(samples) / SAMPLE_RATE
+    if not stream:
+        embeddings, load_s, calls = encode_offline(samples, package, manifest, backend)
+        return Encoding(embeddings, seconds, backend, load_s, calls, f"window of {calls and manifest['inputs'][0]['shape'][-1] / 100:.0f} s")
+    report = (lambda i, s: print(f"step {i}: {s * 1000:.1f} ms", flush=True)) if progress else None
+    embeddings, load_s, steps = encode_streaming(samples, package, manifest, backend, report)
+    k = manifest["streaming"]["tokens_per_step"]
+    return Encoding(embeddings, seconds, backend, load_s, steps, f"step of {k * 80} ms")
+
+
+def default_variant(extracted_dir) -> str:
+    return "Realtime"
+
+
+def package_name(variant: str | None = None, streaming: dict | None = None) -> str:
+    from .export import OFFLINE_PACKAGE, STREAMING_PACKAGE
+
+    return OFFLINE_PACKAGE if streaming is None else STREAMING_PACKAGE
 
 
 def io_contract(dims: RealtimeDims, manifest: dict | None = None) -> dict:

@@ -1,0 +1,320 @@
+"""Voxtral Realtime: the ANE modules against transformers (offline and streaming), its checkpoint layouts, and
+its packages (offline window, stateful and explicit streaming steps) executed by the MIL runtime."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli, speech, write_checkpoint, write_speech
+from transformers import VoxtralRealtimeForConditionalGeneration
+
+from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.extract import extract_audio_tower, load_extracted
+from voxtral_coreml.families import family_module
+from voxtral_coreml.metrics import compare_embeddings, psnr_db
+from voxtral_coreml.milrun import load_package
+from voxtral_coreml.realtime.dims import RealtimeDims
+from voxtral_coreml.realtime.family import speech_window
+from voxtral_coreml.realtime.model import build_offline_encoder, build_step_encoder, initial_state
+from voxtral_coreml.realtime.reference import RealtimeReference, reference_config
+from voxtral_coreml.realtime.rope import MAX_TOKENS, exact_angles, step_rope, step_tables
+from voxtral_coreml.realtime.stream import Streamer, check_streaming, stream_mel
+from voxtral_coreml.realtime_features import realtime_log_mel
+from voxtral_coreml.recipes import Recipe
+from voxtral_coreml.validate import find_package, validate_package
+
+DIMS = RealtimeDims(d_model=64, n_layers=2, n_heads=4, head_dim=32, ffn_dim=256, hidden_size=96, rope_theta=1e6)
+SOURCE = {"kind": "synthetic", "family": "realtime", "seed": 5, "dims": {
+    "d_model": 64, "n_layers": 2, "n_heads": 4, "head_dim": 32, "hidden_size": 96, "rope_theta": 1e6}}  # fmt: skip
+SECONDS_70 = 7040  # mel frames (70.4 s): 880 tokens, past the 750-position window (the ring buffer wraps)
+SECONDS_20 = 2000  # mel frames: 1000 positions, past the window too; k = 1 streams this (a step per 80 ms is slow
+# to reference: transformers' streaming takes one call per token as well)
+FRAMES_FOR_K = {1: SECONDS_20, 4: SECONDS_70}
+
+
+def step_through(step, mel: torch.Tensor, k: int, start_token: int = 0) -> torch.Tensor:
+    state = {n: t.float() for n, t in initial_state(step.dims).items()}
+    rows = []
+    with torch.inference_mode():
+        for token in range(0, mel.shape[-1] // 8, k):
+            chunk = mel[..., token * 8 : (token + k) * 8]
+            out = step(chunk, torch.tensor([start_token + token], dtype=torch.int32), *state.values())
+            rows.append(out[0].reshape(k, -1))
+            state = dict(zip(state, out[1:], strict=True))
+    return torch.cat(rows)
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, shape in DIMS.tensor_shapes().items():
+        if name.endswith("norm.weight"):
+            out[name] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith("bias"):
+            out[name] = 0.1 * torch.randn(shape, generator=g)
+        else:
+            out[name] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mel_70s() -> torch.Tensor:
+    return realtime_log_mel(speech(SECONDS_70 / 100))[None]
+
+
+def mel_for(k: int, mel_70s: torch.Tensor) -> torch.Tensor:
+    return mel_70s[..., : FRAMES_FOR_K[k]]
+
+
+@pytest.mark.parametrize("attention", ["fused_heads", "split_heads", "split_heads_chunked"])
+def test_offline_module_matches_transformers(weights, attention: str) -> None:
+    mel = speech_window(DIMS.mel_frames)
+    expected = RealtimeReference(weights, DIMS).audio_embeddings(mel)
+    with torch.inference_mode():
+        got = build_offline_encoder(weights, DIMS, attention)(mel).reshape(expected.shape)
+    assert psnr_db(expected, got) >= 100
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_step_module_matches_transformers_streaming_past_the_window(weights, mel_70s, k: int) -> None:
+    reference, mel = RealtimeReference(weights, DIMS), mel_for(k, mel_70s)
+    expected = reference.streaming_embeddings(mel, k)
+    assert expected.shape[0] * 4 > DIMS.cache_slots  # the ring buffer wraps
+    assert psnr_db(reference.audio_embeddings(mel), expected) >= 100  # transformers agrees with itself
+    assert psnr_db(expected, step_through(build_step_encoder(weights, DIMS, k), mel, k)) >= 100
+
+
+def test_rope_tables_stay_exact_for_hours() -> None:
+    positions = torch.tensor([0, 1, 2047, 2048, 30_000, 180_000, 4 * MAX_TOKENS - 1], dtype=torch.int32)
+    low, high = step_tables(DIMS)
+    cos, sin = step_rope(positions, low, high, 1, torch.float32)
+    angles = exact_angles(positions, DIMS)
+    per_channel = torch.cat([angles, angles], dim=1).t()[None, :, None, :]
+    assert (cos.double() - per_channel.cos()).abs().max() < 1e-6
+    assert (sin.double() - per_channel.sin()).abs().max() < 1e-6
+    # fp16 angles, what the tables replace, are off by whole radians 10 minutes in (fp16 steps by 16 there)
+    assert abs(torch.tensor(30_001.0).half().item() - 30_001) >= 1
+
+
+def test_stream_starting_ten_minutes_in_matches_transformers_positions(weights) -> None:
+    start = 7500  # tokens: 10 minutes of audio
+    mel = speech_window(64)
+    model = RealtimeReference(weights, DIMS).model.model
+    with torch.inference_mode():
+        positions = torch.arange(start * 4, start * 4 + 32)[None]
+        hidden = model.audio_tower(input_features=mel, position_ids=positions).last_hidden_state
+        expected = model.multi_modal_projector(hidden.reshape(1, -1, DIMS.projector_in))[0]
+    assert psnr_db(expected, step_through(build_step_encoder(weights, DIMS, 1), mel, 1, start)) >= 100
+
+
+def test_streamed_tokens_are_causal(weights) -> None:
+    mel = speech_window(160)
+    changed = mel.clone()
+    changed[..., 80:] = torch.randn_like(changed[..., 80:])
+    step = build_step_encoder(weights, DIMS, 1)
+    before, after = step_through(step, mel, 1), step_through(step, changed, 1)
+    assert torch.equal(before[:10], after[:10])  # tokens 0..9 heard frames 0..79 only
+    assert not torch.allclose(before[10:], after[10:])
+
+
+# Checkpoint layouts --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformers_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny Realtime model written by transformers' own save_pretrained, and its audio weights."""
+    torch.manual_seed(3)
+    model = VoxtralRealtimeForConditionalGeneration(reference_config(DIMS))
+    root = tmp_path_factory.mktemp("rt") / "checkpoint"
+    model.save_pretrained(root)
+    state = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
+    return root, {k: v for k, v in state.items() if k.startswith(("audio_tower.", "multi_modal_projector."))}
+
+
+def test_hf_checkpoint_from_save_pretrained_extracts_exactly(transformers_checkpoint, tmp_path: Path) -> None:
+    root, expected = transformers_checkpoint
+    summary = extract_audio_tower(root, tmp_path / "x")
+    weights, dims, _ = load_extracted(tmp_path / "x")
+    assert summary["family"] == "realtime" and dims == DIMS
+    assert set(weights) == set(expected) - {"audio_tower.rotary_emb.inv_freq", "audio_tower.rotary_emb.original_inv_freq"}
+    assert all(torch.equal(weights[n], expected[n]) for n in weights)
+
+
+def test_mistral_layout_permutes_rope_rows_back(tmp_path: Path) -> None:
+    family = family_module("realtime")
+    for layout in ("hf", "mistral"):
+        (tmp_path / layout).mkdir()
+        family.write_synthetic(tmp_path / layout, {**SOURCE, "layout": layout}, "test")
+        extract_audio_tower(tmp_path / layout, tmp_path / f"x-{layout}")
+    hf, _, _ = load_extracted(tmp_path / "x-hf")
+    mistral, _, _ = load_extracted(tmp_path / "x-mistral")
+    assert all(torch.equal(hf[n], mistral[n]) for n in hf)
+    raw = json.loads((tmp_path / "x-mistral" / "encoder.json").read_text())
+    assert raw["layout"] == "mistral"
+
+
+def test_family_mismatches_are_one_clear_error(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "v2507")
+    with pytest.raises(VoxtralError, match="is a Voxtral 2507 .* checkpoint, not Voxtral Realtime"):
+        extract_audio_tower(tmp_path / "v2507", tmp_path / "a", family="realtime")
+    (tmp_path / "rt").mkdir()
+    family_module("realtime").write_synthetic(tmp_path / "rt", SOURCE, "test")
+    with pytest.raises(VoxtralError, match="is a Voxtral Realtime checkpoint, not Voxtral 2507"):
+        extract_audio_tower(tmp_path / "rt", tmp_path / "b", family="2507")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_mistral_names_without_params_json_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "renamed"
+    root.mkdir()
+    family_module("realtime").write_synthetic(root, {**SOURCE, "layout": "mistral"}, "test")
+    (root / "params.json").rename(root / "config.json")  # HF-style tensors renamed to Mistral's: rows in HF order
+    with pytest.raises(VoxtralError, match="need Mistral's params.json"):
+        extract_audio_tower(root, tmp_path / "x")
+
+
+def test_a_window_no_device_can_hold_is_refused() -> None:
+    with pytest.raises(VoxtralError, match="sliding_window 200000 .* state"):
+        RealtimeDims(d_model=1280, n_layers=32, n_heads=32, head_dim=64, ffn_dim=5120, hidden_size=3072,
+                     rope_theta=1e6, sliding_window=200_000)  # fmt: skip
+
+
+# Packages ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rt_extracted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rtx")
+    (root / "checkpoint").mkdir()
+    family_module("realtime").write_synthetic(root / "checkpoint", SOURCE, "test")
+    extract_audio_tower(root / "checkpoint", root / "extracted")
+    return root / "extracted"
+
+
+PACKAGES = {  # name -> (recipe, streaming)
+    "offline": ("fp16", None),
+    "stateful-1": ("fp16", {"form": "stateful", "tokens_per_step": 1}),
+    "stateful-4": ("fp16", {"form": "stateful", "tokens_per_step": 4}),
+    "explicit-1": ("fp16", {"form": "explicit", "tokens_per_step": 1}),
+    "explicit-4": ("fp16", {"form": "explicit", "tokens_per_step": 4}),
+    "explicit-4-int8": ("int8", {"form": "explicit", "tokens_per_step": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def rt_packages(rt_extracted: Path, tmp_path_factory) -> dict[str, Path]:
+    import yaml
+
+    from conftest import REPO
+
+    root, family = tmp_path_factory.mktemp("rtp"), family_module("realtime")
+    out = {}
+    for name, (recipe_name, streaming) in PACKAGES.items():
+        recipe = Recipe.from_config(recipe_name, yaml.safe_load((REPO / "conf/recipe" / f"{recipe_name}.yaml").read_text()))
+        package = root / name / family.package_name(None, streaming)
+        family.convert_package(rt_extracted, package, recipe, model_name="demo-realtime", streaming=streaming)
+        out[name] = package.parent
+    return out
+
+
+def test_offline_package_validates_against_transformers(rt_extracted: Path, rt_packages) -> None:
+    reference, parity = family_module("realtime").compute_reference(rt_extracted, None, "fused_heads", 256)
+    assert parity["psnr_db"] >= 100
+    metrics, _ = validate_package(rt_packages["offline"], reference, 50)
+    assert metrics["psnr_db"] >= 50 and metrics["output_shape"] == [1, 375, 96]
+
+
+@pytest.mark.parametrize("name", ["stateful-1", "stateful-4", "explicit-1", "explicit-4"])
+def test_streaming_packages_match_transformers_streaming(rt_extracted, rt_packages, mel_70s, name) -> None:
+    weights, dims, _ = load_extracted(rt_extracted)
+    package, manifest = find_package(rt_packages[name])
+    info = manifest["streaming"]
+    mel = mel_for(info["tokens_per_step"], mel_70s)
+    expected = RealtimeReference(weights, dims).streaming_embeddings(mel, info["tokens_per_step"])
+    streamed = stream_mel(load_package(package), info, mel, str(package)).embeddings
+    assert compare_embeddings(expected, streamed)["psnr_db"] >= 50
+    offline_package, _ = find_package(rt_packages["offline"])
+    window = load_package(offline_package).predict({"mel_spectrogram": mel_70s[..., :3000].numpy()})
+    offline = torch.from_numpy(np.asarray(window["audio_embeddings"])).reshape(-1, 96)
+    assert psnr_db(offline, streamed[:375]) >= 50  # the streamed first 30 s are the offline window's
+
+
+def test_int8_streaming_package(rt_extracted, rt_packages) -> None:
+    weights, dims, _ = load_extracted(rt_extracted)
+    package, manifest = find_package(rt_packages["explicit-4-int8"])
+    mel = speech_window(1216)
+    expected = RealtimeReference(weights, dims).streaming_embeddings(mel, 4)
+    streamed = stream_mel(load_package(package), manifest["streaming"], mel, str(package)).embeddings
+    assert psnr_db(expected, streamed) >= 40
+
+
+def test_streaming_manifest_tells_the_app_what_it_needs(rt_packages) -> None:
+    _, manifest = find_package(rt_packages["stateful-4"])
+    info = manifest["streaming"]
+    assert manifest["deployment_target"]["coreml"] == "iOS18"
+    assert info["step_ms"] == 320 and info["mel_frames_per_step"] == 32
+    assert [s["name"] for s in info["states"]] == ["conv1_context", "conv2_context", "key_cache", "value_cache"]
+    assert info["states"][2]["shape"] == [2, 128, 1, 768]
+    assert info["state_bytes"] == sum(s["bytes"] for s in info["states"]) == 2 * (128 * 2 + 64 + 2 * 2 * 128 * 768)
+    _, explicit = find_package(rt_packages["explicit-1"])
+    assert explicit["deployment_target"]["coreml"] == "iOS16"
+    assert [i["name"] for i in explicit["inputs"]][:2] == ["mel_chunk", "position"]
+
+
+def test_restarted_state_matches_a_fresh_package(rt_packages) -> None:
+    package, manifest = find_package(rt_packages["stateful-1"])
+    info, mel = manifest["streaming"], speech_window(80).numpy()
+    model = load_package(package)
+    streamer = Streamer(model, info, "s")
+    first = [streamer.step(mel[..., i : i + 8]) for i in range(0, 80, 8)]
+    restarted = Streamer(model, info, "s")  # a new state and position 0, as an app restarts a stream
+    again = [restarted.step(mel[..., i : i + 8]) for i in range(0, 80, 8)]
+    fresh = Streamer(load_package(package), info, "s")
+    new = [fresh.step(mel[..., i : i + 8]) for i in range(0, 80, 8)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(first, new, strict=True))
+
+
+def test_streaming_bad_input_is_one_clear_error(rt_packages, extracted) -> None:
+    package, manifest = find_package(rt_packages["explicit-1"])
+    streamer = Streamer(load_package(package), manifest["streaming"], str(package))
+    with pytest.raises(VoxtralError, match="a step takes 8 mel frames, got 12"):
+        streamer.step(np.zeros((1, 128, 12), dtype=np.float32))
+    streamer.position = MAX_TOKENS - 1 + 1
+    with pytest.raises(VoxtralError, match="positions end at .* start a new stream"):
+        streamer.step(np.zeros((1, 128, 8), dtype=np.float32))
+    with pytest.raises(VoxtralError, match="not a streaming package"):
+        check_streaming(Path("VoxtralEncoderMini.mlpackage"), {"package": "VoxtralEncoderMini.mlpackage"})
+
+
+# The CLI on a checkpoint written by transformers -----------------------------------------------------------------
+
+
+def test_cli_converts_and_encodes_a_transformers_checkpoint(transformers_checkpoint, tmp_path: Path) -> None:
+    root, _ = transformers_checkpoint
+    clip = write_speech(tmp_path / "speech.wav", 12)
+    for out, extra in (("offline", []), ("stream", ["--streaming", "stateful", "--tokens-per-step", "4"])):
+        result = cli("convert", "--checkpoint", str(root), "--recipe", "fp16", "--out", str(tmp_path / out), *extra)
+        assert result.returncode == 0, result.stderr
+    model = VoxtralRealtimeForConditionalGeneration.from_pretrained(root).eval()
+    audio = np.zeros(150 * 1280, dtype=np.float32)
+    audio[: 12 * 16000] = speech(12)
+    with torch.inference_mode():
+        expected = model.get_audio_features(realtime_log_mel(audio)[None]).pooler_output[0, :150]
+    offline = cli("encode", str(clip), "--package", str(tmp_path / "offline"), "--out", str(tmp_path / "o.npy"))
+    assert offline.returncode == 0, offline.stderr
+    streamed = cli("encode", str(clip), "--package", str(tmp_path / "stream"), "--stream", "--tokens-per-step", "4",
+                   "--out", str(tmp_path / "s.npy"))  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr
+    assert "step 38:" in streamed.stdout and "one per step of 320 ms" in streamed.stdout
+    for name in ("o.npy", "s.npy"):
+        got = torch.from_numpy(np.load(tmp_path / name))
+        assert got.shape == (150, 96) and psnr_db(expected, got) >= 50
+    wrong = cli("encode", str(clip), "--package", str(tmp_path / "offline"), "--stream")
+    assert wrong.returncode == 2 and "--stream needs a streaming package" in wrong.stderr

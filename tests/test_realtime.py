@@ -102,15 +102,20 @@ def test_rope_tables_stay_exact_for_hours() -> None:
     assert abs(torch.tensor(30_001.0).half().item() - 30_001) >= 1
 
 
-def test_stream_starting_ten_minutes_in_matches_transformers_positions(weights) -> None:
-    start = 7500  # tokens: 10 minutes of audio
-    mel = speech_window(64)
+def test_stream_ten_minutes_in_matches_transformers_positions(weights) -> None:
+    """A state whose position says 10 minutes: once every layer's window holds only this clip's audio (2 windows
+    for 2 layers), tokens match transformers given the same positions. transformers computes the angles in fp32
+    (steps of 0.002 rad at 30000), the tables in float64: the gap is transformers' rounding."""
+    start, tokens = 7500, 392
+    mel = speech_window(tokens * 8)
     model = RealtimeReference(weights, DIMS).model.model
     with torch.inference_mode():
-        positions = torch.arange(start * 4, start * 4 + 32)[None]
+        positions = torch.arange(start * 4, (start + tokens) * 4)[None]
         hidden = model.audio_tower(input_features=mel, position_ids=positions).last_hidden_state
         expected = model.multi_modal_projector(hidden.reshape(1, -1, DIMS.projector_in))[0]
-    assert psnr_db(expected, step_through(build_step_encoder(weights, DIMS, 1), mel, 1, start)) >= 100
+    got = step_through(build_step_encoder(weights, DIMS, 4), mel, 4, start)
+    settled = 2 * DIMS.sliding_window // 4
+    assert psnr_db(expected[settled:], got[settled:]) >= 60
 
 
 def test_streamed_tokens_are_causal(weights) -> None:
@@ -180,7 +185,7 @@ def test_mistral_names_without_params_json_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_window_no_device_can_hold_is_refused() -> None:
-    with pytest.raises(VoxtralError, match="sliding_window 200000 .* state"):
+    with pytest.raises(VoxtralError, match="sliding_window 200000: the streaming state would hold 48.8 GiB"):
         RealtimeDims(d_model=1280, n_layers=32, n_heads=32, head_dim=64, ffn_dim=5120, hidden_size=3072,
                      rope_theta=1e6, sliding_window=200_000)  # fmt: skip
 
@@ -242,7 +247,8 @@ def test_streaming_packages_match_transformers_streaming(rt_extracted, rt_packag
     offline_package, _ = find_package(rt_packages["offline"])
     window = load_package(offline_package).predict({"mel_spectrogram": mel_70s[..., :3000].numpy()})
     offline = torch.from_numpy(np.asarray(window["audio_embeddings"])).reshape(-1, 96)
-    assert psnr_db(offline, streamed[:375]) >= 50  # the streamed first 30 s are the offline window's
+    n = min(len(offline), len(streamed))
+    assert psnr_db(offline[:n], streamed[:n]) >= 50  # the streamed first 30 s are the offline window's
 
 
 def test_int8_streaming_package(rt_extracted, rt_packages) -> None:

@@ -40,6 +40,15 @@ def timings_file(model: str, recipe: str) -> Path:
     return ARTIFACTS / "timings" / model / f"{recipe}.json"
 
 
+def streaming_dir(model: str, recipe: str, form: str, tokens_per_step: int) -> Path:
+    """A Realtime streaming package: one per model, recipe, form and tokens per step (pipeline.streaming)."""
+    return ARTIFACTS / "streaming" / model / f"{recipe}-{form}-k{tokens_per_step}"
+
+
+def streaming_metrics_file(model: str, recipe: str, form: str, tokens_per_step: int) -> Path:
+    return ARTIFACTS / "metrics" / "streaming" / model / f"{recipe}-{form}-k{tokens_per_step}.json"
+
+
 def mel_package_dir(precision: str) -> Path:
     return ARTIFACTS / "mel" / precision
 

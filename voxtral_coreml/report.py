@@ -14,6 +14,7 @@ from .paths import (
     metrics_file,
     parity_file,
     report_file,
+    streaming_metrics_file,
     sweep_results_dir,
     sweeps_dir,
     tradeoff_chart_file,
@@ -67,6 +68,33 @@ def mel_section(precisions: list[str]) -> list[str]:
     ]
 
 
+def streaming_section(streaming: dict | None) -> list[str]:
+    """The Realtime streaming packages, if the pipeline builds any."""
+    if not streaming or not streaming.get("models"):
+        return []
+    header = ["model", "recipe", "form", "tokens/step", "size (MB)", "target", "state (MB)", "steps", "backend"]
+    header += ["PSNR vs transformers' streaming (dB)", "cosine min", "gate (dB)"]
+    lines = table_head(header)
+    for model in streaming["models"]:
+        for recipe in streaming["recipes"]:
+            for form in streaming["forms"]:
+                for k in streaming["tokens_per_step"]:
+                    m = read_json(streaming_metrics_file(model, recipe, form, k))
+                    cells = [model, recipe, form, k, f"{m['size_bytes'] / 1e6:.1f}", m["deployment_target"]]
+                    cells += [f"{m['state_bytes'] / 1e6:.2f}", m["steps"], m["backend"], m["psnr_db"]]
+                    cells += [m["cosine_min"], m["gate_db"]]
+                    lines.append(table_row(cells))
+    return [
+        "## Voxtral Realtime streaming packages",
+        "",
+        "The speech clip fed k x 80 ms per call (the ring buffer wraps past the 750-position window), compared",
+        "with transformers' own streaming `get_audio_features` (`padding_cache`, `cache`) fed the same chunks.",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def tradeoff_section(points: list[Point]) -> list[str]:
     chart = tradeoff_chart_file(Path("."))  # the report's folder holds the chart
     return [
@@ -82,7 +110,9 @@ def tradeoff_section(points: list[Point]) -> list[str]:
     ]
 
 
-def render_report(models: list[str], recipes: list[str], mel_precisions: list[str], points: list[Point]) -> str:
+def render_report(
+    models: list[str], recipes: list[str], mel_precisions: list[str], points: list[Point], streaming: dict | None = None
+) -> str:
     """The report stage's: every pipeline package, the ANE module's parity, the mel packages, the trade-off."""
     return "\n".join(
         [
@@ -98,6 +128,7 @@ def render_report(models: list[str], recipes: list[str], mel_precisions: list[st
             *parity_table(models),
             "",
             *mel_section(mel_precisions),
+            *streaming_section(streaming),
             *tradeoff_section(points),
         ]
     )
@@ -128,7 +159,7 @@ def write_pipeline_report(pipeline: dict) -> str:
     """The report stage's outputs, from the pipeline's packages only: a DVC output follows from its deps alone,
     so dvc.lock stays the same whatever sweeps ran on this machine."""
     points = pipeline_points(pipeline["models"], pipeline["recipes"])
-    text = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"], points)
+    text = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"], points, pipeline.get("streaming"))
     _write_report(ARTIFACTS, text, points)
     return text
 

@@ -19,7 +19,7 @@ from ..backends import load_predictor
 from ..convert import INPUT_NAME, OUTPUT_NAME
 from ..errors import VoxtralError
 from ..realtime_features import SAMPLES_PER_TOKEN, StreamingLogMel, realtime_log_mel
-from .stream import Streamer, check_streaming
+from .stream import Streamer, check_streaming, load_streaming_model
 
 MICROPHONE_PIECE = SAMPLES_PER_TOKEN  # the CLI's simulated microphone delivers 80 ms at a time
 
@@ -63,7 +63,7 @@ def encode_streaming(samples: np.ndarray, package: Path, manifest: dict, backend
     n_tokens = tokens_of(len(samples))
     audio = padded(samples, k * SAMPLES_PER_TOKEN)  # the stream ends in silence up to a whole step
     started = time.perf_counter()
-    streamer = Streamer(load_predictor(backend, package), info, str(package))
+    streamer = Streamer(load_streaming_model(backend, package), info, str(package))
     load_s = time.perf_counter() - started
     features = StreamingLogMel(tokens_per_chunk=k)
     rows, step_s = [], []

@@ -84,4 +84,54 @@ def stream_mel(predictor, info: dict, mel: torch.Tensor, source: str) -> Stream:
     return Stream(torch.from_numpy(np.concatenate(rows)), tuple(times))
 
 
-__all__ = ["MAX_TOKENS", "Stream", "Streamer", "check_streaming", "stream_mel"]
+def load_streaming_model(backend: str, package: Path):
+    """The package's model object (predict and make_state): Core ML's on macOS, else the MIL runtime's."""
+    if backend == "coreml":
+        from ..backends import coreml_model
+
+        return coreml_model(package)
+    from ..milrun import load_package
+
+    return load_package(package)
+
+
+def validate_streaming(package_dir, extracted_dir, gate_db: float, backend: str, audio=None) -> dict[str, object]:
+    """Stream the validation clip through the package, tokens_per_step at a time, and compare with transformers'
+    own streaming (`get_audio_features` with `padding_cache` and `cache`, fed the same chunks)."""
+    from ..backends import resolve_backend
+    from ..extract import load_extracted
+    from ..metrics import compare_embeddings
+    from ..validate import find_package
+    from .family import speech_window
+    from .reference import RealtimeReference
+
+    package, manifest = find_package(Path(package_dir))
+    info = check_streaming(package, manifest)
+    backend = resolve_backend(backend)
+    weights, dims, _ = load_extracted(extracted_dir)
+    step = info["mel_frames_per_step"]
+    mel = speech_window(dims.mel_frames * 9 // 10 // step * step, audio)  # 27 s: past the window, the ring wraps
+    expected = RealtimeReference(weights, dims).streaming_embeddings(mel, info["tokens_per_step"])
+    stream = stream_mel(load_streaming_model(backend, package), info, mel, str(package))
+    metrics: dict[str, object] = {
+        **compare_embeddings(expected, stream.embeddings),
+        "backend": backend,
+        "gate_db": gate_db,
+        "size_bytes": manifest["size_bytes"],
+        "deployment_target": manifest["deployment_target"]["coreml"],
+        "form": info["form"],
+        "tokens_per_step": info["tokens_per_step"],
+        "state_bytes": info["state_bytes"],
+        "steps": len(stream.step_s),
+        "output_shape": [1, info["tokens_per_step"], dims.hidden_size],
+    }
+    if metrics["psnr_db"] < gate_db:
+        raise VoxtralError(
+            f"{package}: streamed PSNR {metrics['psnr_db']} dB vs transformers' streaming is below the gate of "
+            f"{gate_db} dB"
+        )
+    metrics["timings"] = {"median_step_s": round(sorted(stream.step_s)[len(stream.step_s) // 2], 4)}
+    return metrics
+
+
+__all__ = ["MAX_TOKENS", "Stream", "Streamer", "check_streaming", "load_streaming_model", "stream_mel"]

@@ -209,6 +209,7 @@ PACKAGES = {  # name -> (recipe, streaming)
     "explicit-1": ("fp16", {"form": "explicit", "tokens_per_step": 1}),
     "explicit-4": ("fp16", {"form": "explicit", "tokens_per_step": 4}),
     "explicit-4-int8": ("int8", {"form": "explicit", "tokens_per_step": 4}),
+    "multifunction-1": ("fp16", {"form": "multifunction", "tokens_per_step": 1}),
 }
 
 
@@ -324,3 +325,17 @@ def test_cli_converts_and_encodes_a_transformers_checkpoint(transformers_checkpo
         assert got.shape == (150, 96) and psnr_db(expected, got) >= 50
     wrong = cli("encode", str(clip), "--package", str(tmp_path / "offline"), "--stream")
     assert wrong.returncode == 2 and "--stream needs a streaming package" in wrong.stderr
+
+
+def test_multifunction_package_holds_both_functions_with_weights_once(rt_packages) -> None:
+    package, manifest = find_package(rt_packages["multifunction-1"])
+    separate = sum(find_package(rt_packages[n])[1]["size_bytes"] for n in ("offline", "stateful-1"))
+    assert manifest["size_bytes"] < separate
+    assert manifest["deployment_target"]["coreml"] == "iOS18" and set(manifest["functions"]) == {"offline", "step"}
+    mel = speech_window(3000)
+    offline = load_package(package, function_name="offline").predict({"mel_spectrogram": mel.numpy()})
+    alone = load_package(find_package(rt_packages["offline"])[0]).predict({"mel_spectrogram": mel.numpy()})
+    assert psnr_db(torch.from_numpy(alone["audio_embeddings"]), torch.from_numpy(offline["audio_embeddings"])) >= 60
+    step = Streamer(load_package(package), manifest["streaming"], str(package))  # the default function: the step
+    first = np.concatenate([step.step(mel[..., i : i + 8].numpy()) for i in range(0, 80, 8)])
+    assert psnr_db(torch.from_numpy(offline["audio_embeddings"][0, :10]), torch.from_numpy(first)) >= 50

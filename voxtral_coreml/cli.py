@@ -172,9 +172,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--streaming",
         default="none",
-        choices=["none", "stateful", "explicit"],
-        help="Realtime only: a streaming step with Core ML states (iOS 18) or with the state as inputs/outputs "
-        "(iOS 16) instead of the offline window (default: none)",
+        choices=["none", "stateful", "explicit", "multifunction"],
+        help="Realtime only: a streaming step with Core ML states (iOS 18), with the state as inputs/outputs "
+        "(iOS 16), or the offline window and the stateful step as two functions of one package (iOS 18), instead "
+        "of the offline window alone (default: none)",
     )
     c.add_argument("--tokens-per-step", type=int, default=1, help="streaming: tokens (80 ms each) per call (default: 1)")
     c.set_defaults(func=cmd_convert)

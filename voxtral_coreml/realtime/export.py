@@ -43,7 +43,10 @@ CHUNK_NAME = "mel_chunk"
 POSITION_NAME = "position"
 STATE_NAMES = ("conv1_context", "conv2_context", "key_cache", "value_cache")
 NEXT_PREFIX = "next_"  # the explicit form's state outputs
-FORMS = {"stateful": "iOS18", "explicit": "iOS16"}  # streaming form -> the lowest target that runs it
+# streaming form -> the lowest target that runs it. multifunction: the offline window (function "offline") and the
+# stateful step (function "step", the default) in one package, weights stored once (multifunction needs iOS 18).
+FORMS = {"stateful": "iOS18", "explicit": "iOS16", "multifunction": "iOS18"}
+OFFLINE_FUNCTION, STEP_FUNCTION = "offline", "step"
 
 
 def _io(name: str, shape, dtype: str) -> dict[str, object]:
@@ -134,6 +137,8 @@ def to_mlprogram(weights, dims: RealtimeDims, target: str, streaming: dict | Non
     )
     if streaming is None:
         return _convert(build_offline_encoder(weights, dims, attention, query_chunk), examples, inputs, outputs, target)
+    if streaming["form"] == "multifunction":
+        raise ValueError("a multifunction package is two programs: see save_multifunction_package")
     step = build_step_encoder(weights, dims, streaming["tokens_per_step"], attention, query_chunk)
     if streaming["form"] == "explicit":
         return _convert(step, examples, inputs, outputs, target)
@@ -143,6 +148,26 @@ def to_mlprogram(weights, dims: RealtimeDims, target: str, streaming: dict | Non
     shapes = state_shapes(dims)
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes[n], dtype=np.float16), name=n) for n in STATE_NAMES]
     return _convert(StatefulStep(step), examples, inputs, outputs, target, states)
+
+
+def save_multifunction_package(program, info: dict, staging: Path) -> dict:
+    """The offline window and the stateful step as two functions of one package (equal weights stored once:
+    coremltools deduplicates equal constants). `program(streaming)` converts and compresses one function."""
+    import tempfile
+
+    import coremltools as ct
+
+    with tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
+        offline, compression = program(None)
+        offline.save(f"{tmp}/offline.mlpackage")
+        step, _ = program({**info, "form": "stateful"})
+        step.save(f"{tmp}/step.mlpackage")
+        descriptor = ct.utils.MultiFunctionDescriptor()
+        descriptor.add_function(f"{tmp}/offline.mlpackage", src_function_name="main", target_function_name=OFFLINE_FUNCTION)
+        descriptor.add_function(f"{tmp}/step.mlpackage", src_function_name="main", target_function_name=STEP_FUNCTION)
+        descriptor.default_function_name = STEP_FUNCTION
+        ct.utils.save_multifunction(descriptor, str(staging))
+    return compression
 
 
 def streaming_info(dims: RealtimeDims, form: str, tokens_per_step: int) -> dict[str, object]:
@@ -194,17 +219,23 @@ def convert_package(
     target = recipe.min_target if info is None else _later(recipe.min_target, FORMS[info["form"]])
     what = "offline window" if info is None else f"{info['form']} step, {info['tokens_per_step']} token(s)"
     log.info("converting %s (Realtime, %d layers, %s) with recipe %s", model_name, dims.n_layers, what, recipe.name)
-    with coremltools_writes(package):
-        mlmodel = to_mlprogram(weights, dims, target, info, attention, query_chunk)
+    def program(streaming_form: dict | None):
+        mlmodel = to_mlprogram(weights, dims, target, streaming_form, attention, query_chunk)
         if recipe.kind == "mixed":
             bits = program_bits(sensitivity, recipe, mlmodel, build_offline_encoder(weights, dims, attention, query_chunk))
         else:
             bits = None
         mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
-    mlmodel.short_description = f"Voxtral Realtime audio encoder + projector, {what} ({recipe.name})"
-    mlmodel.version = __version__
-    with atomic_path(package) as staging:
-        mlmodel.save(str(staging))
+        mlmodel.short_description = f"Voxtral Realtime audio encoder + projector, {what} ({recipe.name})"
+        mlmodel.version = __version__
+        return mlmodel, compression
+
+    with coremltools_writes(package), atomic_path(package) as staging:
+        if info is not None and info["form"] == "multifunction":
+            compression = save_multifunction_package(program, info, staging)
+        else:
+            mlmodel, compression = program(info)
+            mlmodel.save(str(staging))
         canonicalize_package(staging)
     ios, macos = TARGETS[target]
     manifest = {
@@ -229,5 +260,8 @@ def convert_package(
     }
     if info is not None:
         manifest["streaming"] = info
+    if info is not None and info["form"] == "multifunction":
+        offline = io_contract(dims)
+        manifest["functions"] = {OFFLINE_FUNCTION: offline, STEP_FUNCTION: io_contract(dims, {"streaming": info})}
     write_manifest(package, manifest, started)
     return manifest

@@ -45,7 +45,7 @@ class Streamer:
         self.info = info
         self.source = source
         self.position = 0
-        self.state = predictor.make_state() if info["form"] == "stateful" else None
+        self.state = predictor.make_state() if info["form"] != "explicit" else None
         self.caches = None if self.state is not None else {
             s["name"]: np.zeros(s["shape"], dtype=np.float16) for s in info["states"]
         }
@@ -85,7 +85,8 @@ def stream_mel(predictor, info: dict, mel: torch.Tensor, source: str) -> Stream:
 
 
 def load_streaming_model(backend: str, package: Path):
-    """The package's model object (predict and make_state): Core ML's on macOS, else the MIL runtime's."""
+    """The package's step (predict and make_state): Core ML's on macOS, else the MIL runtime's. A multifunction
+    package's default function is the step."""
     if backend == "coreml":
         from ..backends import coreml_model
 

@@ -27,10 +27,15 @@ BENCH = (ROOT / ARTIFACTS / "bench").resolve()
 # artifacts/metrics and artifacts/reference whole, and a benchmark model there would change dvc.lock.
 WORKSPACE = BENCH / "workspace"
 SHARED = ("params.yaml", "conf")  # what a stage reads relative to its working directory
-MODELS = ("synthetic-mini", "synthetic-small")
+MODELS = ("synthetic-mini", "synthetic-small", "synthetic-realtime")
 STAGES = ("download", "extract", "build")
 # mixed is left out: its sensitivity scan at full size takes about 1.5 hours on 2 cores (README, Compression).
-RECIPES = {"synthetic-mini": ("fp16", "int8", "pal6", "pal4g"), "synthetic-small": ("fp16",)}
+RECIPES = {
+    "synthetic-mini": ("fp16", "int8", "pal6", "pal4g"),
+    "synthetic-small": ("fp16",),
+    "synthetic-realtime": ("fp16",),
+}
+STREAMING_K = (1, 4)  # tokens per step of the Realtime streaming packages measured
 GB = 1024**3
 
 
@@ -122,6 +127,23 @@ def coreml_latencies(model: str) -> dict[str, dict]:  # pragma: no cover
     }
 
 
+def realtime_benchmarks(model: str = "synthetic-realtime") -> dict:
+    """The streaming step (stateful) per k: conversion, size, ops, GFLOPs and state per step; the MIL runtime's
+    time per step against transformers' streaming step, alternated as forward_pair does."""
+    rows: dict[str, dict] = {}
+    for k in STREAMING_K:
+        out = BENCH / "work" / f"stream-k{k}"
+        rows[f"convert_stateful_k{k}"] = task(f"stream_convert_k{k}", "stream_convert", model, "--k", str(k), "--out",
+                                              str(out)).row()  # fmt: skip
+        times = {"mil_step": [], "reference_step": []}
+        for round_index in range(2):
+            for name in times:
+                times[name].append(task(f"{name}_k{k}_{round_index}", name, model, "--k", str(k), "--out", str(out)))
+        for name, measured in times.items():
+            rows[f"{name}_k{k}"] = min(measured, key=lambda m: m.reported["step_s"]).row()
+    return rows
+
+
 def noop_repro() -> Measurement:
     dvc = str(Path(sys.executable).parent / "dvc")
     subprocess.run([dvc, "repro", "-q"], check=True, cwd=ROOT)  # builds the demo if it is not built yet
@@ -159,6 +181,23 @@ def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attenti
     return summary
 
 
+def realtime_summary(per_model: dict[str, dict], streaming: dict[str, dict]) -> dict:
+    realtime, mini = per_model["synthetic-realtime"], per_model["synthetic-mini"]
+    summary = {
+        "convert_fp16_vs_mini_time": round(realtime["convert_fp16"]["wall_s"] / mini["convert_fp16"]["wall_s"], 3),
+        "convert_fp16_vs_mini_rss": round(
+            realtime["convert_fp16"]["peak_rss_gb"] / mini["convert_fp16"]["peak_rss_gb"], 3
+        ),
+        "psnr_db_fp16": realtime["validate_fp16"]["psnr_db"],
+        "streaming": streaming,
+    }
+    for k in STREAMING_K:
+        summary[f"mil_step_vs_reference_step_k{k}"] = round(
+            streaming[f"mil_step_k{k}"]["step_s"] / streaming[f"reference_step_k{k}"]["step_s"], 3
+        )
+    return summary
+
+
 def markdown(summary: dict) -> str:
     lines = ["# Benchmarks (full dimensions, this machine)", ""]
     lines += ["| model | stage | wall (s) | peak RSS (GB) | read (GB) |", "| --- | --- | --- | --- | --- |"]
@@ -193,6 +232,7 @@ def main() -> None:
         for core in ATTENTION_CORES
     }  # fmt: skip
     summary = summarize(per_model, extra, attention)
+    summary["realtime"] = realtime_summary(per_model, realtime_benchmarks())
     if sys.platform == "darwin":
         summary["coreml"] = coreml_latencies(mini)
     write_json_atomic(BENCH / "summary.json", summary)

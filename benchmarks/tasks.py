@@ -137,7 +137,69 @@ def coreml_latency(model: str, recipe: str, compute_units: str) -> dict:  # prag
     return timings
 
 
+def stream_convert(model: str, k: int, out: Path) -> dict:
+    """The stateful streaming step of a Realtime model: ops, GFLOPs per step, state bytes, package size."""
+    from voxtral_coreml.families import family_of_extracted
+    from voxtral_coreml.recipes import Recipe
+
+    family, streaming = family_of_extracted(extracted_dir(model)), {"form": "stateful", "tokens_per_step": k}
+    manifest = family.convert_package(
+        extracted_dir(model), out / family.package_name(None, streaming), Recipe("fp16", "fp16", "iOS16", 0.0),
+        model_name=model, streaming=streaming,
+    )  # fmt: skip
+    return {
+        "ops_total": manifest["ane"]["ops_total"],
+        "gflops_per_step": manifest["ane"]["gflops_per_window"],
+        "state_bytes": manifest["streaming"]["state_bytes"],
+        "package_gb": round(manifest["size_bytes"] / 1024**3, 3),
+    }
+
+
+STEPS_TIMED = 8  # after the ring buffer holds some past: steps 2..9 of a stream
+
+
+def mil_step(model: str, k: int, out: Path) -> dict:
+    """The MIL runtime's median time per streaming step (load excluded)."""
+    from voxtral_coreml.realtime.family import speech_window
+    from voxtral_coreml.realtime.stream import Streamer, load_streaming_model
+
+    package, manifest = find_package(out)
+    streamer = Streamer(load_streaming_model("mil", package), manifest["streaming"], str(package))
+    frames = 8 * k
+    mel = speech_window(frames * (STEPS_TIMED + 2)).numpy()
+    times = []
+    for i in range(STEPS_TIMED + 2):
+        started = time.perf_counter()
+        streamer.step(mel[..., i * frames : (i + 1) * frames])
+        times.append(time.perf_counter() - started)
+    return {"step_s": round(float(np.median(times[2:])), 4)}
+
+
+def reference_step(model: str, k: int, out: Path) -> dict:
+    """transformers' streaming get_audio_features (padding_cache, cache), median time per step of k tokens."""
+    from voxtral_coreml.realtime.family import speech_window
+    from voxtral_coreml.realtime.reference import RealtimeReference
+
+    weights, dims, _ = load_extracted(extracted_dir(model))
+    model_ref = RealtimeReference(weights, dims).model
+    frames = 8 * k
+    mel = speech_window(frames * (STEPS_TIMED + 2))
+    cache = padding = None
+    times = []
+    for i in range(STEPS_TIMED + 2):
+        started = time.perf_counter()
+        result = model_ref.get_audio_features(
+            input_features=mel[..., i * frames : (i + 1) * frames], padding_cache=padding, cache=cache, use_cache=True
+        )
+        cache, padding = result.cache, result.padding_cache
+        times.append(time.perf_counter() - started)
+    return {"step_s": round(float(np.median(times[2:])), 4)}
+
+
 TASKS = {
+    "stream_convert": lambda a: stream_convert(a.model, a.k, a.out),
+    "mil_step": lambda a: mil_step(a.model, a.k, a.out),
+    "reference_step": lambda a: reference_step(a.model, a.k, a.out),
     "naive": lambda a: naive_convert(a.model, a.out),
     "attention": lambda a: attention_variant(a.model, a.attention, a.out),
     "validate": lambda a: validate(a.model, a.recipe),
@@ -156,6 +218,7 @@ def main() -> None:
     parser.add_argument("--attention", default="fused_heads")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--compute-units", default="CPU_AND_NE")
+    parser.add_argument("--k", type=int, default=1, help="tokens per streaming step")
     args = parser.parse_args()
     configure_logging()
     torch.set_grad_enabled(False)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli, speech, write_checkpoint, write_speech
 from transformers import VoxtralRealtimeForConditionalGeneration
 
+from conftest import cli, speech, write_checkpoint, write_speech
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.extract import extract_audio_tower, load_extracted
 from voxtral_coreml.families import family_module
@@ -147,7 +147,10 @@ def test_hf_checkpoint_from_save_pretrained_extracts_exactly(transformers_checkp
     summary = extract_audio_tower(root, tmp_path / "x")
     weights, dims, _ = load_extracted(tmp_path / "x")
     assert summary["family"] == "realtime" and dims == DIMS
-    assert set(weights) == set(expected) - {"audio_tower.rotary_emb.inv_freq", "audio_tower.rotary_emb.original_inv_freq"}
+    assert set(weights) == set(expected) - {
+        "audio_tower.rotary_emb.inv_freq",
+        "audio_tower.rotary_emb.original_inv_freq",
+    }
     assert all(torch.equal(weights[n], expected[n]) for n in weights)
 
 
@@ -166,11 +169,11 @@ def test_mistral_layout_permutes_rope_rows_back(tmp_path: Path) -> None:
 
 def test_family_mismatches_are_one_clear_error(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "v2507")
-    with pytest.raises(VoxtralError, match="is a Voxtral 2507 .* checkpoint, not Voxtral Realtime"):
+    with pytest.raises(VoxtralError, match=r"is a Voxtral 2507 .* checkpoint, not Voxtral Realtime"):
         extract_audio_tower(tmp_path / "v2507", tmp_path / "a", family="realtime")
     (tmp_path / "rt").mkdir()
     family_module("realtime").write_synthetic(tmp_path / "rt", SOURCE, "test")
-    with pytest.raises(VoxtralError, match="is a Voxtral Realtime checkpoint, not Voxtral 2507"):
+    with pytest.raises(VoxtralError, match=r"is a Voxtral Realtime checkpoint, not Voxtral 2507"):
         extract_audio_tower(tmp_path / "rt", tmp_path / "b", family="2507")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -180,12 +183,12 @@ def test_mistral_names_without_params_json_are_refused(tmp_path: Path) -> None:
     root.mkdir()
     family_module("realtime").write_synthetic(root, {**SOURCE, "layout": "mistral"}, "test")
     (root / "params.json").rename(root / "config.json")  # HF-style tensors renamed to Mistral's: rows in HF order
-    with pytest.raises(VoxtralError, match="need Mistral's params.json"):
+    with pytest.raises(VoxtralError, match=r"need Mistral's params.json"):
         extract_audio_tower(root, tmp_path / "x")
 
 
 def test_a_window_no_device_can_hold_is_refused() -> None:
-    with pytest.raises(VoxtralError, match="sliding_window 200000: the streaming state would hold 48.8 GiB"):
+    with pytest.raises(VoxtralError, match=r"sliding_window 200000: the streaming state would hold 48.8 GiB"):
         RealtimeDims(d_model=1280, n_layers=32, n_heads=32, head_dim=64, ffn_dim=5120, hidden_size=3072,
                      rope_theta=1e6, sliding_window=200_000)  # fmt: skip
 
@@ -222,7 +225,9 @@ def rt_packages(rt_extracted: Path, tmp_path_factory) -> dict[str, Path]:
     root, family = tmp_path_factory.mktemp("rtp"), family_module("realtime")
     out = {}
     for name, (recipe_name, streaming) in PACKAGES.items():
-        recipe = Recipe.from_config(recipe_name, yaml.safe_load((REPO / "conf/recipe" / f"{recipe_name}.yaml").read_text()))
+        recipe = Recipe.from_config(
+            recipe_name, yaml.safe_load((REPO / "conf/recipe" / f"{recipe_name}.yaml").read_text())
+        )
         package = root / name / family.package_name(None, streaming)
         family.convert_package(rt_extracted, package, recipe, model_name="demo-realtime", streaming=streaming)
         out[name] = package.parent
@@ -291,12 +296,12 @@ def test_restarted_state_matches_a_fresh_package(rt_packages) -> None:
 def test_streaming_bad_input_is_one_clear_error(rt_packages, extracted) -> None:
     package, manifest = find_package(rt_packages["explicit-1"])
     streamer = Streamer(load_package(package), manifest["streaming"], str(package))
-    with pytest.raises(VoxtralError, match="a step takes 8 mel frames, got 12"):
+    with pytest.raises(VoxtralError, match=r"a step takes 8 mel frames, got 12"):
         streamer.step(np.zeros((1, 128, 12), dtype=np.float32))
     streamer.position = MAX_TOKENS - 1 + 1
-    with pytest.raises(VoxtralError, match="positions end at .* start a new stream"):
+    with pytest.raises(VoxtralError, match=r"positions end at .* start a new stream"):
         streamer.step(np.zeros((1, 128, 8), dtype=np.float32))
-    with pytest.raises(VoxtralError, match="not a streaming package"):
+    with pytest.raises(VoxtralError, match=r"not a streaming package"):
         check_streaming(Path("VoxtralEncoderMini.mlpackage"), {"package": "VoxtralEncoderMini.mlpackage"})
 
 

@@ -1,7 +1,8 @@
 """Attention cores for (B, C, 1, S) tensors: swappable, parameter-free, chosen in conf/ (`build.attention`).
 
 All three compute softmax(q kᵀ + mask) v per head with q already scaled (mask: an optional additive
-(1, Sk, 1, Sq) tensor, for causal encoders); they differ only in how the work is cut into Core ML ops, which decides Neural Engine compile time (it grows with the op count) and tiling.
+(1, Sk, 1, Sq) tensor, for causal encoders); they differ only in how the work is cut into Core ML ops, which
+decides Neural Engine compile time (it grows with the op count) and tiling.
 """
 
 from __future__ import annotations

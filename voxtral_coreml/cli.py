@@ -168,7 +168,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", choices=["Mini", "Small"], help="default: from the projector's width")
     c.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
     c.add_argument("--attention", default="split_heads", help="attention core (see conf/config.yaml)")
-    c.add_argument("--family", default="auto", choices=["auto", "2507", "realtime"], help="encoder family (default: detected)")
+    c.add_argument(
+        "--family", default="auto", choices=["auto", "2507", "realtime"], help="encoder family (default: detected)"
+    )
     c.add_argument(
         "--streaming",
         default="none",
@@ -177,7 +179,9 @@ def parser() -> argparse.ArgumentParser:
         "(iOS 16), or the offline window and the stateful step as two functions of one package (iOS 18), instead "
         "of the offline window alone (default: none)",
     )
-    c.add_argument("--tokens-per-step", type=int, default=1, help="streaming: tokens (80 ms each) per call (default: 1)")
+    c.add_argument(
+        "--tokens-per-step", type=int, default=1, help="streaming: tokens (80 ms each) per call (default: 1)"
+    )
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("validate", help="compare a package's embeddings with transformers")

@@ -29,8 +29,8 @@ import torch
 from .compress import average_bits, compressible_weights, palettized, weight_op_names
 from .dims import POSITIONS_KEY
 from .errors import VoxtralError
-from .families import family_of_extracted
 from .extract import load_extracted
+from .families import family_of_extracted
 from .features import speech_mel
 from .metrics import PSNR_CAP_DB, psnr_db
 from .model import VoxtralEncoderANE, build_ane_encoder

@@ -14,8 +14,8 @@ import torch
 
 from .backends import resolve_backend, run_package
 from .convert import MANIFEST
-from .families import family_module, family_of
 from .errors import VoxtralError
+from .families import family_module, family_of
 from .layouts import read_json
 from .metrics import compare_embeddings
 from .package_info import SPEC_VERSION, package_structure

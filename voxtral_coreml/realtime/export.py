@@ -132,7 +132,9 @@ def to_mlprogram(weights, dims: RealtimeDims, target: str, streaming: dict | Non
     inputs = [ct.TensorType(name=i["name"], shape=i["shape"], dtype=tensor[i["dtype"]]) for i in contract["inputs"]]
     outputs = [ct.TensorType(name=o["name"], dtype=tensor[o["dtype"]]) for o in contract["outputs"]]
     examples = tuple(
-        torch.zeros(i["shape"], dtype={"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}[i["dtype"]])
+        torch.zeros(
+            i["shape"], dtype={"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}[i["dtype"]]
+        )
         for i in contract["inputs"]
     )
     if streaming is None:
@@ -144,7 +146,9 @@ def to_mlprogram(weights, dims: RealtimeDims, target: str, streaming: dict | Non
         return _convert(step, examples, inputs, outputs, target)
     # coremltools 9 lifts the weights of a stateful program to fp32 whatever their dtype: give it fp32 (the fp16
     # compute precision stores them as fp16 all the same); the states stay fp16, as Core ML requires.
-    step = build_step_encoder({n: w.float() for n, w in weights.items()}, dims, streaming["tokens_per_step"], attention, query_chunk)
+    step = build_step_encoder(
+        {n: w.float() for n, w in weights.items()}, dims, streaming["tokens_per_step"], attention, query_chunk
+    )
     shapes = state_shapes(dims)
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes[n], dtype=np.float16), name=n) for n in STATE_NAMES]
     return _convert(StatefulStep(step), examples, inputs, outputs, target, states)
@@ -163,7 +167,9 @@ def save_multifunction_package(program, info: dict, staging: Path) -> dict:
         step, _ = program({**info, "form": "stateful"})
         step.save(f"{tmp}/step.mlpackage")
         descriptor = ct.utils.MultiFunctionDescriptor()
-        descriptor.add_function(f"{tmp}/offline.mlpackage", src_function_name="main", target_function_name=OFFLINE_FUNCTION)
+        descriptor.add_function(
+            f"{tmp}/offline.mlpackage", src_function_name="main", target_function_name=OFFLINE_FUNCTION
+        )
         descriptor.add_function(f"{tmp}/step.mlpackage", src_function_name="main", target_function_name=STEP_FUNCTION)
         descriptor.default_function_name = STEP_FUNCTION
         ct.utils.save_multifunction(descriptor, str(staging))
@@ -189,7 +195,8 @@ def streaming_info(dims: RealtimeDims, form: str, tokens_per_step: int) -> dict[
         "cache_slots": dims.cache_slots,
         "sliding_window": dims.sliding_window,
         "max_tokens": MAX_TOKENS,
-        "position": "tokens emitted so far in this stream (int32); start a new stream (fresh state, 0) before max_tokens",
+        "position": "tokens emitted so far in this stream (int32); start a new stream (fresh state, 0) "
+        "before max_tokens",
     }
 
 
@@ -219,10 +226,13 @@ def convert_package(
     target = recipe.min_target if info is None else _later(recipe.min_target, FORMS[info["form"]])
     what = "offline window" if info is None else f"{info['form']} step, {info['tokens_per_step']} token(s)"
     log.info("converting %s (Realtime, %d layers, %s) with recipe %s", model_name, dims.n_layers, what, recipe.name)
+
     def program(streaming_form: dict | None):
         mlmodel = to_mlprogram(weights, dims, target, streaming_form, attention, query_chunk)
         if recipe.kind == "mixed":
-            bits = program_bits(sensitivity, recipe, mlmodel, build_offline_encoder(weights, dims, attention, query_chunk))
+            bits = program_bits(
+                sensitivity, recipe, mlmodel, build_offline_encoder(weights, dims, attention, query_chunk)
+            )
         else:
             bits = None
         mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)

@@ -118,7 +118,14 @@ def encode(samples, package: Path, manifest: dict, backend: str, stream: bool, p
     seconds = len(samples) / SAMPLE_RATE
     if not stream:
         embeddings, load_s, calls = encode_offline(samples, package, manifest, backend)
-        return Encoding(embeddings, seconds, backend, load_s, calls, f"window of {calls and manifest['inputs'][0]['shape'][-1] / 100:.0f} s")
+        return Encoding(
+            embeddings,
+            seconds,
+            backend,
+            load_s,
+            calls,
+            f"window of {calls and manifest['inputs'][0]['shape'][-1] / 100:.0f} s",
+        )
     report = (lambda i, s: print(f"step {i}: {s * 1000:.1f} ms", flush=True)) if progress else None
     embeddings, load_s, steps = encode_streaming(samples, package, manifest, backend, report)
     k = manifest["streaming"]["tokens_per_step"]

@@ -176,7 +176,9 @@ class RealtimeMistralLayout(Layout):
             tensor = stored_tensor(name, path, info)
             if ".q_proj." in name or ".k_proj." in name:
                 load = tensor.load
-                tensor = SourceTensor(name, path, info.torch_dtype, info.shape, lambda load=load: rope_rows_to_hf(load(), n_heads))
+                tensor = SourceTensor(
+                    name, path, info.torch_dtype, info.shape, lambda load=load: rope_rows_to_hf(load(), n_heads)
+                )
             found[name] = tensor
         return found
 

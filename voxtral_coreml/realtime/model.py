@@ -122,7 +122,9 @@ class RealtimeBody(nn.Module):
         return embeddings.squeeze(2).transpose(1, 2).float()  # [B, T/8, H] float32
 
 
-def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, valid: torch.Tensor, window: int, dtype) -> torch.Tensor:
+def window_mask(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, valid: torch.Tensor, window: int, dtype
+) -> torch.Tensor:
     """(1, Sk, 1, Sq) additive mask: key j is seen by query i iff valid[j] and 0 <= pos_i - pos_j < window."""
     age = query_pos[None, :] - key_pos[:, None]  # (Sk, Sq), int32
     seen = torch.logical_and(torch.logical_and(age >= 0, age < window), valid[:, None])  # coremltools: no `&`

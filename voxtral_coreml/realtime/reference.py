@@ -48,7 +48,10 @@ class RealtimeReference:
         self.model = model.eval().requires_grad_(False)
         self.dims = dims
         inner = self.model.model
-        for module, prefix in ((inner.audio_tower, "audio_tower."), (inner.multi_modal_projector, "multi_modal_projector.")):
+        for module, prefix in (
+            (inner.audio_tower, "audio_tower."),
+            (inner.multi_modal_projector, "multi_modal_projector."),
+        ):
             part = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
             module.load_state_dict(part, strict=False, assign=True)
         # RoPE's inverse frequencies are a non-persistent buffer: computed, not loaded.

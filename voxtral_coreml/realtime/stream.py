@@ -46,9 +46,11 @@ class Streamer:
         self.source = source
         self.position = 0
         self.state = predictor.make_state() if info["form"] != "explicit" else None
-        self.caches = None if self.state is not None else {
-            s["name"]: np.zeros(s["shape"], dtype=np.float16) for s in info["states"]
-        }
+        self.caches = (
+            None
+            if self.state is not None
+            else {s["name"]: np.zeros(s["shape"], dtype=np.float16) for s in info["states"]}
+        )
 
     def step(self, mel_chunk: np.ndarray) -> np.ndarray:
         frames = self.info["mel_frames_per_step"]
@@ -63,7 +65,11 @@ class Streamer:
         inputs = {CHUNK_NAME: mel_chunk.astype(np.float32), POSITION_NAME: np.array([self.position], dtype=np.int32)}
         if self.caches is not None:
             inputs.update(self.caches)
-        outputs = self.predictor.predict(inputs, state=self.state) if self.state is not None else self.predictor.predict(inputs)
+        outputs = (
+            self.predictor.predict(inputs, state=self.state)
+            if self.state is not None
+            else self.predictor.predict(inputs)
+        )
         if self.caches is not None:
             self.caches = {n: np.asarray(outputs[NEXT_PREFIX + n]) for n in STATE_NAMES}
         self.position += k

@@ -21,7 +21,10 @@ LM_TENSORS = {"language_model.model.embed_tokens.weight": (64, 8), "language_mod
 
 
 # Realtime names that take the 2507 generator's special values: norm gains, the residual's outlier channels.
-ALIASES = {"audio_tower.norm.weight": "audio_tower.layer_norm.weight", "audio_tower.embedder.conv2.bias": "audio_tower.conv2.bias"}
+ALIASES = {
+    "audio_tower.norm.weight": "audio_tower.layer_norm.weight",
+    "audio_tower.embedder.conv2.bias": "audio_tower.conv2.bias",
+}
 
 
 def realtime_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -64,7 +67,9 @@ def write_realtime_mistral_checkpoint(out_dir: Path, dims: RealtimeDims, seed: i
 
     tok = TensorSpec(f"{MISTRAL_PREFIX}tok_embeddings.weight", DTYPE, (64, dims.hidden_size))
     write_safetensors(
-        out_dir / "consolidated.safetensors", [*specs, tok], lambda s: produce(s) if s is not tok else torch.zeros(s.shape, dtype=DTYPE)
+        out_dir / "consolidated.safetensors",
+        [*specs, tok],
+        lambda s: produce(s) if s is not tok else torch.zeros(s.shape, dtype=DTYPE),
     )
     encoder = {
         "dim": dims.d_model, "n_layers": dims.n_layers, "n_heads": dims.n_heads, "head_dim": dims.head_dim,

@@ -16,6 +16,7 @@ from ..safetensors_io import TensorInfo, read_tensor
 
 AUDIO_PREFIXES = ("audio_tower.", "multi_modal_projector.")  # HF and MLX names
 MISTRAL_PREFIX = "mm_whisper_embeddings."  # Mistral's consolidated names
+REALTIME_MISTRAL_PREFIX = "mm_streams_embeddings.embedding_module."  # Voxtral Realtime's
 # The language model's token embeddings, which Mistral stores under the audio prefix (about 0.8 GB for Mini).
 MISTRAL_TOKEN_EMBEDDINGS = f"{MISTRAL_PREFIX}tok_embeddings."
 
@@ -29,8 +30,9 @@ def is_mistral_encoder_tensor(name: str) -> bool:
 
 
 def is_encoder_tensor_any_layout(name: str) -> bool:
-    """What to fetch from a repo before its layout is known."""
-    return is_audio_tensor(name) or is_mistral_encoder_tensor(name)
+    """What to fetch from a repo before its layout (or family) is known."""
+    realtime = name.startswith(REALTIME_MISTRAL_PREFIX) and ".tok_embeddings." not in name
+    return is_audio_tensor(name) or is_mistral_encoder_tensor(name) or realtime
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,22 @@ from pathlib import Path
 import torch
 
 from ..errors import VoxtralError
-from ..layouts.base import Layout, SourceTensor, config_int, config_section, read_json, stored_tensor
+from ..layouts.base import (
+    REALTIME_MISTRAL_PREFIX,
+    Layout,
+    SourceTensor,
+    config_int,
+    config_section,
+    read_json,
+    stored_tensor,
+)
 from ..layouts.hf import CONFIG, audio_headers
 from ..layouts.mistral import PARAMS, WEIGHT_FILES
 from ..safetensors_io import read_header
 from .dims import SLIDING_WINDOW, RealtimeDims
 
 MODEL_TYPE = "voxtral_realtime"
-MISTRAL_PREFIX = "mm_streams_embeddings.embedding_module."
+MISTRAL_PREFIX = REALTIME_MISTRAL_PREFIX
 ENCODER_ARGS = ("multimodal", "whisper_model_args", "encoder_args")
 
 _ENCODER = "whisper_encoder.transformer.layers.{n}."

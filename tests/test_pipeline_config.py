@@ -36,7 +36,7 @@ def test_invalid_override_is_one_clear_line(tmp_path: Path) -> None:
 
 def test_unknown_keys_name_what_exists() -> None:
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(VoxtralError, match=r"no 'nope' under models \(known: demo-mini, demo-small"):
+    with pytest.raises(VoxtralError, match=r"no 'nope' under models \(known: demo-mini, demo-realtime, demo-small"):
         lookup(params, "models.nope.source")
 
 

@@ -20,11 +20,11 @@ from voxtral_coreml.metrics import compare_embeddings, psnr_db
 from voxtral_coreml.milrun import load_package
 from voxtral_coreml.realtime.dims import RealtimeDims
 from voxtral_coreml.realtime.family import speech_window
+from voxtral_coreml.realtime.features import realtime_log_mel
 from voxtral_coreml.realtime.model import build_offline_encoder, build_step_encoder, initial_state
 from voxtral_coreml.realtime.reference import RealtimeReference, reference_config
 from voxtral_coreml.realtime.rope import MAX_TOKENS, exact_angles, step_rope, step_tables
 from voxtral_coreml.realtime.stream import Streamer, check_streaming, stream_mel
-from voxtral_coreml.realtime_features import realtime_log_mel
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.validate import find_package, validate_package
 

@@ -15,7 +15,7 @@ from transformers.models.voxtral_realtime.feature_extraction_voxtral_realtime im
 from conftest import speech
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.features import HOP_LENGTH, N_FFT, SAMPLE_RATE
-from voxtral_coreml.realtime_features import (
+from voxtral_coreml.realtime.features import (
     DELAY_TOKENS,
     FRAMES_PER_TOKEN,
     GLOBAL_LOG_MEL_MAX,

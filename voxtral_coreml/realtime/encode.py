@@ -18,7 +18,7 @@ import torch
 from ..backends import load_predictor
 from ..convert import INPUT_NAME, OUTPUT_NAME
 from ..errors import VoxtralError
-from ..realtime_features import SAMPLES_PER_TOKEN, StreamingLogMel, realtime_log_mel
+from .features import SAMPLES_PER_TOKEN, StreamingLogMel, realtime_log_mel
 from .stream import Streamer, check_streaming, load_streaming_model
 
 MICROPHONE_PIECE = SAMPLES_PER_TOKEN  # the CLI's simulated microphone delivers 80 ms at a time

@@ -28,7 +28,7 @@ def detect(root: Path) -> bool:
 def speech_window(frames: int, audio: str | os.PathLike[str] | None = None) -> torch.Tensor:
     """[1, 128, frames] Realtime features of a clip (the built-in speech when None), zero-padded or cut."""
     from ..features import HOP_LENGTH, builtin_speech_clip, load_audio
-    from ..realtime_features import realtime_log_mel
+    from .features import realtime_log_mel
 
     samples = load_audio(audio or builtin_speech_clip())[: frames * HOP_LENGTH]
     padded = np.zeros(frames * HOP_LENGTH, dtype=np.float32)

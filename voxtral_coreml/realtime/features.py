@@ -29,12 +29,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .dims import FRAMES_PER_EMBEDDING
-from .errors import VoxtralError
-from .features import HOP_LENGTH, MIN_SAMPLES, N_FFT, mel_filters, normalized_log_mel, power_spectrogram
+from ..errors import VoxtralError
+from ..features import HOP_LENGTH, MIN_SAMPLES, N_FFT, mel_filters, normalized_log_mel, power_spectrogram
+from .dims import MEL_FRAMES_PER_TOKEN as FRAMES_PER_TOKEN  # 8: conv2's stride 2, then 4 frames
 
 GLOBAL_LOG_MEL_MAX = 1.5  # VoxtralRealtimeFeatureExtractor's fixed log ceiling: the floor is 1.5 - 8
-FRAMES_PER_TOKEN = 2 * FRAMES_PER_EMBEDDING  # conv2's stride 2, then the projector's 4 encoder frames: 8
 SAMPLES_PER_TOKEN = FRAMES_PER_TOKEN * HOP_LENGTH  # 1280: 80 ms, one token
 LOOKAHEAD = N_FFT // 2  # 200: a centred frame reads this many samples past its centre
 LEFT_PAD_TOKENS = 32  # tekken.json `streaming_n_left_pad_tokens`: silence the processor puts before the audio

@@ -21,7 +21,7 @@ from ..attention import make_attention_core
 from ..dims import FRAMES_PER_EMBEDDING
 from ..model import Projector, pointwise, projector_conv_weight, scalar_like
 from .dims import CONV1_CONTEXT, CONV2_CONTEXT, MEL_FRAMES_PER_TOKEN, RealtimeDims
-from .rope import ROPE_HIGH, ROPE_LOW, rope_tables_offline, rotate_half_rows, step_rope, step_tables
+from .rope import ROPE_HIGH, ROPE_LOW, rope_tables_offline, step_rope, step_tables
 
 RMS_NORM_EPS = 1e-5
 MASKED = -1e4  # added to the scores of keys a query may not see: exp() of it is 0 in fp16
@@ -39,25 +39,32 @@ class ChannelRMSNorm(nn.Module):
         return x * torch.rsqrt(variance + scalar_like(RMS_NORM_EPS, x)) * self.weight.view(1, -1, 1, 1)
 
 
+def rotate_half(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """RoPE's rotate_half per head on (B, heads x head_dim, 1, S): (x1, x2) -> (-x2, x1) by one rank-4 view of
+    each head's halves (no weights: folding it into a second projection would add 17% to the package)."""
+    b, a, _, s = x.shape
+    halves = x.reshape(b, n_heads, 2, a // n_heads // 2 * s)
+    return torch.cat([-halves[:, :, 1:], halves[:, :, :1]], dim=2).reshape(b, a, 1, s)
+
+
 class RotaryAttention(nn.Module):
-    """ANE: RoPE's rotate-half folded into a second 1x1 conv per projection (rows permuted and negated), so
-    q·cos + rotate_half(q)·sin needs no channel shuffling of activations; the 1/sqrt(head_dim) scale is in q's
-    weights."""
+    """ANE: q, k, v as 1x1 convs on (B, C, 1, S) and RoPE applied in that layout (cos/sin per channel); the
+    1/sqrt(head_dim) scale is folded into q's weights."""
 
     def __init__(self, dims: RealtimeDims, core: nn.Module) -> None:
         super().__init__()
         d, a = dims.d_model, dims.attn_dim
+        self.n_heads = dims.n_heads
         self.q_proj = pointwise(d, a)
-        self.q_proj_rotated = pointwise(d, a)
         self.k_proj = pointwise(d, a, bias=False)  # Whisper's k_proj has no bias
-        self.k_proj_rotated = pointwise(d, a, bias=False)
         self.v_proj = pointwise(d, a)
         self.o_proj = pointwise(a, d)
         self.core = core
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q = self.q_proj(x) * cos + self.q_proj_rotated(x) * sin
-        k = self.k_proj(x) * cos + self.k_proj_rotated(x) * sin
+        q, k = self.q_proj(x), self.k_proj(x)
+        q = q * cos + rotate_half(q, self.n_heads) * sin
+        k = k * cos + rotate_half(k, self.n_heads) * sin
         return q, k, self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
@@ -243,8 +250,6 @@ def body_state_dict(weights: dict[str, torch.Tensor], dims: RealtimeDims) -> dic
         elif w.dim() == 3:
             w = w[:, :, None, :]  # Conv1d [out, in, k] -> Conv2d [out, in, 1, k]
         state[key] = w
-        if ".q_proj." in name or ".k_proj." in name:
-            state[key.replace("_proj.", "_proj_rotated.")] = rotate_half_rows(w, dims.head_dim)
     return state
 
 

@@ -64,10 +64,3 @@ def step_rope(positions: torch.Tensor, low: torch.Tensor, high: torch.Tensor, n_
     cos = lo[0] * hi[0] - lo[1] * hi[1]
     sin = lo[1] * hi[0] + lo[0] * hi[1]
     return per_channel(cos, n_heads).to(dtype), per_channel(sin, n_heads).to(dtype)
-
-
-def rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rows of a q/k projection (weight or bias, [heads * head_dim, ...]) producing rotate_half(x W^T):
-    per head, the second half negated, then the first half."""
-    heads = w.reshape(-1, 2, head_dim // 2, *w.shape[1:])
-    return torch.cat([-heads[:, 1], heads[:, 0]], dim=1).reshape(w.shape)

@@ -1,7 +1,8 @@
 """A MIL runtime: load an ML program (.mlpackage) and execute its main function with PyTorch CPU kernels.
 
 Core ML cannot predict on Linux, so this is how CI checks numerically what actually ships: each op runs in
-fp32 and results the program declares fp16 are rounded to fp16, as the device stores them.
+float64 and its result is rounded to the dtype the program declares (fp16 or fp32), as the device stores it; the
+outputs are then the same on any CPU (stable.py).
 """
 
 from .model import MilModel, TensorInfo, load_package, load_program, op_counts

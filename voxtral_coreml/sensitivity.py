@@ -153,7 +153,7 @@ def scan_sensitivity(
             stage = _stage_of(op, model.dims.n_layers)
             psnr = {}
             for bits, value in variants.items():
-                with _swapped(weight, float64(value)):
+                with _swapped(weight, value):
                     output = _run_from(stages, stage, inputs[stage])
                     psnr[str(bits)] = round_decimals(psnr_db(reference, output), PSNR_DECIMALS)
             ops[op] = {"params": weight.numel(), "stage": stage, "psnr_db": psnr}

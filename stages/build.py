@@ -1,4 +1,4 @@
-"""build@<model>: the ANE module with the extracted weights, and its parity with transformers (fp32)."""
+"""build@<model>: the ANE module with the extracted weights, and its parity with transformers (float64)."""
 
 from voxtral_coreml.atomic import atomic_path, write_json_atomic
 from voxtral_coreml.families import family_of_extracted
@@ -15,7 +15,7 @@ def main() -> None:
     tensors, parity = family_of_extracted(extracted_dir(model)).compute_reference(
         extracted_dir(model), lookup(params, "validation.audio"), build["attention"], build["query_chunk"]
     )
-    print(f"{model}: ANE module vs transformers (fp32): {parity}")
+    print(f"{model}: ANE module vs transformers (float64): {parity}")
     check_parity(model, parity, build["parity_gate_db"])
     with atomic_path(reference_file(model)) as staging:
         save_reference(staging, tensors)

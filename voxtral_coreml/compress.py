@@ -134,13 +134,13 @@ def kmeans_backend() -> str:
 
 def palettized(weight: torch.Tensor, nbits: int) -> torch.Tensor:
     """The weight as a per-tensor `palettize_weights` stores it (coremltools' own k-means on the fp16 values),
-    decompressed to fp32."""
+    decompressed to the weight's dtype (exact: LUT entries are fp16)."""
     from coremltools.optimize.coreml._quantization_passes import palettize_weights
 
     values = weight.detach().to(torch.float16).numpy()
     with deterministic_kmeans():
         lut_params = palettize_weights.blockwise_compress(values, "KMEANS", nbits, [0] * values.ndim)
-    return torch.from_numpy(palettize_weights.decompress(lut_params).astype(np.float32))
+    return torch.from_numpy(palettize_weights.decompress(lut_params).astype(np.float32)).to(weight.dtype)
 
 
 def compressible_weights(model: torch.nn.Module, weight_threshold: int) -> dict[str, torch.nn.Parameter]:

@@ -17,6 +17,7 @@ import torch
 
 from .dims import MEL_BINS, MEL_FRAMES
 from .errors import VoxtralError
+from .stable import FLOAT64, stored_float32
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 @functools.cache
-def mel_filters() -> torch.Tensor:
-    """[201, 128] Slaney-normalized mel filters, the ones WhisperFeatureExtractor builds."""
+def mel_filters(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[201, 128] Slaney-normalized mel filters, the ones WhisperFeatureExtractor builds (computed in float64)."""
     from transformers.audio_utils import mel_filter_bank
 
     bank = mel_filter_bank(
@@ -75,12 +76,13 @@ def mel_filters() -> torch.Tensor:
         norm="slaney",
         mel_scale="slaney",
     )
-    return torch.from_numpy(bank).float()
+    return torch.from_numpy(bank).to(dtype)
 
 
 def power_spectrogram(waveform: torch.Tensor, center: bool = True) -> torch.Tensor:
     """|STFT|^2 of every frame, [..., 201, frames]: Hann window, N_FFT, HOP_LENGTH; `center` reflect-pads N_FFT / 2."""
-    stft = torch.stft(waveform, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), center=center, return_complex=True)
+    window = torch.hann_window(N_FFT, dtype=waveform.dtype)
+    stft = torch.stft(waveform, N_FFT, HOP_LENGTH, window=window, center=center, return_complex=True)
     return stft.abs() ** 2
 
 
@@ -92,16 +94,18 @@ def normalized_log_mel(mel_power: torch.Tensor, log_max: float | None = None) ->
     return (log_spec + 4.0) / 4.0
 
 
-def log_mel_windows(audio: np.ndarray) -> torch.Tensor:
-    """Mono 16 kHz samples -> [N, 128, 3000] normalized log-mel windows."""
+def log_mel_windows(audio: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mono 16 kHz samples -> [N, 128, 3000] normalized log-mel windows, computed in `dtype`: float32 is
+    WhisperFeatureExtractor's own arithmetic (bit for bit on one machine), float64 the same math on any machine."""
     n_windows = max(1, -(-len(audio) // WINDOW_SAMPLES))
     padded = np.zeros(n_windows * WINDOW_SAMPLES, dtype=np.float32)
     padded[: len(audio)] = audio
-    power = power_spectrogram(torch.from_numpy(padded))[..., :-1].contiguous()  # Whisper drops the last frame
-    log_spec = normalized_log_mel(mel_filters().T @ power)  # the floor: whole-clip maximum
+    power = power_spectrogram(torch.from_numpy(padded).to(dtype))[..., :-1].contiguous()  # Whisper drops the last
+    log_spec = normalized_log_mel(mel_filters(dtype).T @ power)  # the floor: whole-clip maximum
     return log_spec.reshape(MEL_BINS, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
 
 
 def speech_mel(audio_path: str | os.PathLike[str] | None = None) -> torch.Tensor:
-    """The first 30 s window of a clip (the built-in speech when None): [1, 128, 3000]."""
-    return log_mel_windows(load_audio(audio_path or builtin_speech_clip()))[:1]
+    """The first 30 s window of a clip (the built-in speech when None): [1, 128, 3000] float32, computed in float64
+    and stored rounded (stable.py), so that every machine feeds the reference the same mel."""
+    return stored_float32(log_mel_windows(load_audio(audio_path or builtin_speech_clip()), FLOAT64)[:1])

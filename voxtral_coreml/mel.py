@@ -37,13 +37,14 @@ from .features import (
     WINDOW_SAMPLES,
     builtin_speech_clip,
     load_audio,
+    log_mel_windows,
     mel_filters,
     normalized_log_mel,
 )
-from .metrics import psnr_db
+from .metrics import ERROR_DIGITS, PSNR_DECIMALS, psnr_db
 from .package_info import package_structure
 from .recipes import TARGETS
-from .reference import processor_features
+from .stable import FLOAT64, round_decimals, round_significant
 from .validate import check_structure, find_package
 
 log = logging.getLogger(__name__)
@@ -172,22 +173,25 @@ def validate_mel_package(
     backend: str = "auto",
 ) -> dict[str, object]:
     """The package's mel vs transformers' WhisperFeatureExtractor on the clip's first 30 s (the built-in speech
-    when `audio` is None); raises VoxtralError when it breaks the contract or falls below the gate."""
+    when `audio` is None); raises VoxtralError when it breaks the contract or falls below the gate.
+
+    The expected mel is WhisperFeatureExtractor's math in float64 (`log_mel_windows`, equal to it in float32), so
+    that the metrics are the same on any machine (stable.py)."""
     package, manifest = find_package(Path(package_dir))
     structure = package_structure(package)
     check_structure(package, manifest, structure, mel_io_contract())
     backend = resolve_backend(backend)
     # The first 30 s alone: one window, whose floor the processor and the package take over the same samples.
     samples = load_audio(audio or builtin_speech_clip())[:WINDOW_SAMPLES]
-    expected = processor_features(samples)[0]
+    expected = log_mel_windows(samples, FLOAT64)[0]
     started = time.perf_counter()
     predict = load_predictor(backend, package)
     loaded = time.perf_counter()
     mel = torch.from_numpy(np.asarray(predict({AUDIO_NAME: pcm_window(samples)})[MEL_NAME], dtype=np.float32))
     finished = time.perf_counter()
     metrics: dict[str, object] = {
-        "psnr_db": round(psnr_db(expected, mel), 3),
-        "max_abs_err": float(f"{(expected - mel[0]).abs().max().item():.6g}"),
+        "psnr_db": round_decimals(psnr_db(expected, mel), PSNR_DECIMALS),
+        "max_abs_err": round_significant((expected - mel[0]).abs().max().item(), ERROR_DIGITS),
         "backend": backend,
         "gate_db": gate_db,
         "compute_precision": manifest.get("compute_precision"),

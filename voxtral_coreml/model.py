@@ -17,15 +17,17 @@ from torch.nn import functional as F
 
 from .attention import make_attention_core
 from .dims import FRAMES_PER_EMBEDDING, POSITIONS_KEY, EncoderDims
+from .stable import FLOAT64
 
 LAYER_NORM_EPS = 1e-5
 
 
 def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
-    """Whisper's fixed positions [length, channels]: the sin half, then the cos half."""
+    """Whisper's fixed positions [length, channels]: the sin half, then the cos half. In float64 (stable.py): cast
+    to fp16, bf16 or float32, they are the same on every machine (float32 math would round by instruction set)."""
     increment = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float32))
-    scaled_time = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    inv_timescales = torch.exp(-increment * torch.arange(channels // 2, dtype=FLOAT64))
+    scaled_time = torch.arange(length, dtype=FLOAT64)[:, None] * inv_timescales[None, :]
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 
@@ -134,7 +136,8 @@ class VoxtralEncoderANE(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         embeddings = self.multi_modal_projector(self.layer_norm(x))  # (B, H, 1, 375)
-        return embeddings.squeeze(2).transpose(1, 2).float()  # [B, 375, H] float32: the Swift app's contract
+        # [B, 375, H] float32 (the Swift app's contract) from fp16 or fp32 weights; float64 stays float64 (reference)
+        return embeddings.squeeze(2).transpose(1, 2).to(torch.promote_types(embeddings.dtype, torch.float32))
 
 
 def projector_conv_weight(linear_1: torch.Tensor, d_model: int) -> torch.Tensor:

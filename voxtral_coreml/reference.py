@@ -23,6 +23,7 @@ from .features import speech_mel
 from .metrics import compare_embeddings
 from .model import build_ane_encoder, whisper_sinusoids
 from .safetensors_io import TensorSpec, write_safetensors
+from .stable import FLOAT64_RESOLUTION_DB, float64, stored_float32
 from .synthetic import PREPROCESSOR_CONFIG
 
 log = logging.getLogger(__name__)
@@ -94,20 +95,25 @@ class TransformersReference:
 def compute_reference(
     extracted_dir: str | os.PathLike[str], audio: str | os.PathLike[str] | None, attention: str, query_chunk: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """transformers' and the ANE module's embeddings (fp32) on one speech window, and their parity."""
+    """transformers' and the ANE module's embeddings on one speech window, and their parity.
+
+    Both run in float64 on the stored (float32) mel, and their embeddings are stored as float32 (stable.py): a
+    function of the weights and the audio alone, on any machine. The parity is measured in float64, up to
+    FLOAT64_RESOLUTION_DB: the same math agrees beyond it, a layout bug falls far below."""
     weights, dims, _ = load_extracted(extracted_dir)
+    weights = {name: float64(w) for name, w in weights.items()}
     mel = speech_mel(audio)
-    log.info("reference: transformers forward (%d layers, d_model %d)", dims.n_layers, dims.d_model)
-    expected = TransformersReference(weights, dims).audio_embeddings(mel)
-    log.info("reference: ANE module forward")
+    log.info("reference: transformers forward in float64 (%d layers, d_model %d)", dims.n_layers, dims.d_model)
+    expected = TransformersReference(weights, dims).audio_embeddings(float64(mel))
+    log.info("reference: ANE module forward in float64")
     with torch.inference_mode():
-        ane = build_ane_encoder(weights, dims, attention, query_chunk)(mel).reshape(expected.shape)
-    tensors = {"mel": mel.contiguous(), "transformers": expected.contiguous(), "ane_module": ane.contiguous()}
-    return tensors, compare_embeddings(expected, ane)
+        ane = build_ane_encoder(weights, dims, attention, query_chunk)(float64(mel)).reshape(expected.shape)
+    tensors = {"mel": mel.contiguous(), "transformers": stored_float32(expected), "ane_module": stored_float32(ane)}
+    return tensors, compare_embeddings(expected, ane, resolution_db=FLOAT64_RESOLUTION_DB)
 
 
 def check_parity(model: str, parity: dict[str, float], gate_db: float) -> None:
-    """Both in fp32, the ANE module matches transformers far above `build.parity_gate_db`; a layout bug falls below."""
+    """In float64 the ANE module matches transformers far above `build.parity_gate_db`; a layout bug falls below."""
     if parity["psnr_db"] < gate_db:
         raise VoxtralError(
             f"{model}: the ANE module differs from transformers: PSNR {parity['psnr_db']} dB "

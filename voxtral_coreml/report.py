@@ -20,6 +20,7 @@ from .paths import (
     tradeoff_chart_file,
     tradeoff_data_dir,
 )
+from .stable import FLOAT64_RESOLUTION_DB
 from .tradeoff import Point, collect_points, pipeline_points, tradeoff_table, write_chart, write_plot_data
 
 
@@ -119,11 +120,13 @@ def render_report(
             "# Voxtral Core ML encoder packages",
             "",
             "Each package's `audio_embeddings` on one 30 s window of speech, compared with transformers'",
-            "`get_audio_features` (fp32) and with the ANE-layout PyTorch module it was converted from.",
+            "`get_audio_features` (float64) and with the ANE-layout PyTorch module it was converted from.",
             "",
             *package_table(models, recipes),
             "",
-            "## ANE module vs transformers (fp32, before conversion)",
+            "## ANE module vs transformers (float64, before conversion)",
+            "",
+            f"Reported up to {FLOAT64_RESOLUTION_DB:g} dB: beyond it the two differ by float64 rounding alone.",
             "",
             *parity_table(models),
             "",
@@ -141,7 +144,7 @@ def render_sweep_report(points: list[Point]) -> str:
             "# Voxtral Core ML encoder packages: sweeps",
             "",
             "The pipeline's packages (`artifacts/packages/`) and every sweep result (`artifacts/sweeps/results/`),",
-            "each validated against transformers' `get_audio_features` (fp32) on one 30 s window of speech.",
+            "each validated against transformers' `get_audio_features` (float64) on one 30 s window of speech.",
             "",
             *tradeoff_section(points),
         ]

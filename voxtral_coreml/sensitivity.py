@@ -1,6 +1,6 @@
 """Per-op sensitivity to palettization, and the bit widths of the `mixed` recipe.
 
-An op's sensitivity at n bits is the encoder output's PSNR (vs the same module with fp16 weights, fp32 compute) when
+An op's sensitivity at n bits is the encoder output's PSNR (vs the same module with fp16 weights, float64 compute) when
 only that op's weight is palettized at n bits, by coremltools' own k-means: the LUT the package will get. Output
 errors of independent perturbations add up as noise energy, so `choose_bits` spends a parameter-weighted bit budget
 where it buys the most noise per bit.
@@ -32,9 +32,10 @@ from .errors import VoxtralError
 from .extract import load_extracted
 from .families import family_of_extracted
 from .features import speech_mel
-from .metrics import PSNR_CAP_DB, psnr_db
+from .metrics import PSNR_CAP_DB, PSNR_DECIMALS, psnr_db
 from .model import VoxtralEncoderANE, build_ane_encoder
 from .recipes import Recipe
+from .stable import float64, round_decimals
 
 if TYPE_CHECKING:
     from coremltools.models import MLModel
@@ -48,16 +49,17 @@ SIM_ATTENTION = "fused_heads"  # the same math as every core (test_model.py), th
 def calibration_encoder(
     extracted_dir: str | os.PathLike[str], frames: int, audio: str | os.PathLike[str] | None = None
 ) -> tuple[VoxtralEncoderANE, torch.Tensor]:
-    """The ANE module with fp16-rounded weights (what a package holds) on the first `frames` mel frames, and that
-    mel. Positions are absolute, so a shorter window simply uses the first ones."""
+    """The ANE module with fp16-rounded weights (what a package holds), in float64, on the first `frames` mel frames,
+    and that mel. Positions are absolute, so a shorter window simply uses the first ones. In float64 (stable.py) the
+    table's PSNRs are the same on any machine; in fp32 they moved by up to 0.003 dB between simulated machines."""
     weights, dims, _ = load_extracted(extracted_dir)
     if not 0 < frames <= dims.mel_frames:
         raise VoxtralError(f"sensitivity: frames {frames} is outside 1..{dims.mel_frames}")
     short = dataclasses.replace(dims, mel_frames=frames)  # checks frames is a multiple of 8
-    weights = {n: w.to(torch.float16).float() for n, w in weights.items()}
+    weights = {n: float64(w.to(torch.float16)) for n, w in weights.items()}
     if POSITIONS_KEY in weights:
         weights[POSITIONS_KEY] = weights[POSITIONS_KEY][: short.n_positions]
-    mel = speech_mel(audio)[..., :frames].contiguous()
+    mel = float64(speech_mel(audio)[..., :frames].contiguous())
     return build_ane_encoder(weights, short, SIM_ATTENTION), mel
 
 
@@ -153,7 +155,8 @@ def scan_sensitivity(
             psnr = {}
             for bits, value in variants.items():
                 with _swapped(weight, value):
-                    psnr[str(bits)] = round(psnr_db(reference, _run_from(stages, stage, inputs[stage])), 4)
+                    output = _run_from(stages, stage, inputs[stage])
+                    psnr[str(bits)] = round_decimals(psnr_db(reference, output), PSNR_DECIMALS)
             ops[op] = {"params": weight.numel(), "stage": stage, "psnr_db": psnr}
             log.info("sensitivity %d/%d %s: %s dB", len(ops), len(weights), op, psnr)
     runs = sum(len(stages) - op["stage"] for op in ops.values()) * len(candidates)
@@ -169,7 +172,7 @@ def scan_sensitivity(
         "recipe": recipe.name,
         **settings,
         "frames": frames,
-        "reference": "the same module with fp16 weights, fp32 compute",
+        "reference": "the same module with fp16 weights, float64 compute",
         "ops": ops,
         "cost": {"stage_runs": runs, "kmeans_runs": len(ops) * len(candidates)},
     }
@@ -179,7 +182,7 @@ def scan_sensitivity(
         "target_bits": recipe.params["target_bits"],
         "bits": bits,
         "average_bits": round(average_bits(bits, {op: ops[op]["params"] for op in ops}), 4),
-        "predicted_psnr_db": round(predicted_psnr_db(table, bits), 4),
+        "predicted_psnr_db": round_decimals(predicted_psnr_db(table, bits), PSNR_DECIMALS),
     }
 
 

@@ -1,7 +1,8 @@
 """A MIL runtime: load an ML program (.mlpackage) and execute one of its functions with PyTorch CPU kernels.
 
 Core ML cannot predict on Linux, so this is how CI checks numerically what actually ships: each op runs in
-fp32 and results the program declares fp16 are rounded to fp16, as the device stores them. A multifunction
+float64 and its result is rounded to the dtype the program declares (fp16 or fp32), as the device stores it; the
+outputs are then the same on any CPU (stable.py). A multifunction
 package runs the function named; a stateful function (iOS18 Core ML states) keeps its state in a MilState
 across predictions, as an app keeps its MLState.
 """

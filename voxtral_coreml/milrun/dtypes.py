@@ -1,4 +1,4 @@
-"""How MIL dtypes are held as torch tensors, and the rounding that makes fp16 results match the device."""
+"""How MIL dtypes are held as torch tensors, how ops compute on them, and the rounding to each declared dtype."""
 
 from collections.abc import Callable
 from typing import Any
@@ -8,9 +8,11 @@ import torch
 from coremltools.converters.mil.mil import types
 
 from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.stable import FLOAT64
 
-# All float math runs in fp32 on CPU (fp16 matmuls are far too slow there); an fp16 value is stored as the
-# fp32 number it equals, so fp16 storage is exact and the rounding is applied where each op produces it.
+# Float values are stored as float32 (an fp16 value as the float32 number it equals: exact). Ops compute in float64
+# and each result is rounded to its declared dtype, fp16 or fp32: float64 kernels agree across CPUs to ~1e-15, so
+# the rounded results (and the metrics computed from them) are the same on any machine (stable.py).
 STORAGE: dict[str, torch.dtype] = {
     "fp16": torch.float32,
     "fp32": torch.float32,
@@ -48,14 +50,17 @@ def dtype_name(builtin: Any) -> str:
     return types.builtin_to_string(builtin)
 
 
+def compute_form(value: Any) -> Any:
+    """What a computing op reads: stored float32 values widened to float64 (exact); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return value.to(FLOAT64)
+    return value
+
+
 def round_fp16(t: torch.Tensor) -> torch.Tensor:
-    """Round fp32 values to the nearest fp16 (ties to even), as the device stores an fp16 result."""
+    """Round a result to fp16 (ties to even; from float64 through float32, as torch converts), stored as float32,
+    as the device stores an fp16 result."""
     return t.to(torch.float16).to(torch.float32)
-
-
-def round_fp16_in_place(t: torch.Tensor) -> torch.Tensor:
-    """round_fp16 into t's own memory: for results no other tensor shares (it saves an allocation per op)."""
-    return t.copy_(t.to(torch.float16))
 
 
 def unchanged(t: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Weight-decompression ops (constexpr_*), evaluated once at load time, as the iOS16/iOS18 op specs define.
 
-All arithmetic is fp32; the op's declared output dtype (usually fp16) then rounds the result once.
+The arithmetic (small integers times fp16 scales, LUT lookups) is exact; the op's declared output dtype (usually
+fp16) then rounds the result once.
 """
 
 import math

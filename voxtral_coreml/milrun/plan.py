@@ -11,7 +11,7 @@ from voxtral_coreml.errors import VoxtralError
 
 from . import ops_constexpr, ops_elementwise, ops_nn, ops_state, ops_tensor
 from .args import Kernel, OpArgs
-from .dtypes import Coercer, coercer, dtype_name, round_fp16, round_fp16_in_place, to_runtime, unchanged
+from .dtypes import Coercer, coercer, compute_form, dtype_name, round_fp16, to_runtime, unchanged
 
 KERNELS: dict[str, Kernel] = {
     **ops_elementwise.KERNELS,
@@ -25,7 +25,8 @@ SUPPORTED_OPS: frozenset[str] = frozenset({"const", *KERNELS})
 # A slot number, or several for a tuple input (concat's values, einsum's values).
 Ref = int | tuple[int, ...]
 
-# Ops that only move values: fed fp16 (already rounded) values, their results need no rounding (it is idempotent).
+# Ops that only move values: they run on the stored values (no float64 copy), and fed fp16 (already rounded) values
+# their results need no rounding (it is idempotent).
 MOVES_VALUES = frozenset(
     {"reshape", "transpose", "expand_dims", "squeeze", "slice_by_index", "slice_by_size", "split", "concat",
      "identity", "tile", "gather", "gather_along_axis", "slice_update", "select", "read_state",
@@ -33,17 +34,12 @@ MOVES_VALUES = frozenset(
 )  # fmt: skip
 # The inputs whose values such an op moves (indices, masks and conditions are not among them).
 VALUE_INPUTS = ("x", "values", "update", "a", "b", "input", "value")
-# Ops whose kernels always allocate their result: it can be rounded in its own memory.
-FRESH_RESULTS = frozenset(
-    {"conv", "linear", "matmul", "einsum", "softmax", "gelu", "layer_norm", "batch_norm", "add", "sub", "mul",
-     "real_div", "pow", "rsqrt", "sqrt", "exp", "log", "erf", "tanh", "sigmoid", "silu", "relu", "clip", "abs",
-     "square", "inverse", "maximum", "minimum", "reduce_mean", "reduce_sum", "reduce_max", "reduce_min"}
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One op: read its inputs from slots, run its kernel, give each result its declared dtype."""
+    """One op: read its inputs from slots (in float64 where it computes), run its kernel, give each result its
+    declared dtype."""
 
     op_type: str
     name: str
@@ -51,10 +47,12 @@ class Step:
     inputs: tuple[tuple[str, Ref], ...]
     outputs: tuple[int, ...]
     coercers: tuple[Coercer, ...]
+    computes: bool
     free: tuple[int, ...] = ()
 
     def run(self, env: list[Any]) -> None:
-        args = OpArgs({name: env[r] if type(r) is int else [env[i] for i in r] for name, r in self.inputs})
+        read = compute_form if self.computes else unchanged
+        args = OpArgs({name: read(env[r]) if type(r) is int else [read(env[i]) for i in r] for name, r in self.inputs})
         result = self.kernel(args)
         results = result if isinstance(result, tuple) else (result,)
         for slot, coerce, value in zip(self.outputs, self.coercers, results, strict=True):
@@ -153,6 +151,7 @@ class Plan:
             inputs=tuple((name, self._ref(var)) for name, var in op.inputs.items()),
             outputs=tuple(self._new_slot(var) for var in op.outputs),
             coercers=tuple(coercer(dtype_name(var.dtype), where, _rounding(op)) for var in op.outputs),
+            computes=op.op_type not in MOVES_VALUES,
         )
         if all(slot in self._constant for _, ref in step.inputs for slot in _slots(ref)):
             self._fold(step, where)
@@ -194,7 +193,7 @@ class Plan:
             if slot not in keep:
                 frees.setdefault(index, []).append(slot)
         return [
-            Step(s.op_type, s.name, s.kernel, s.inputs, s.outputs, s.coercers, tuple(frees.get(i, ())))
+            Step(s.op_type, s.name, s.kernel, s.inputs, s.outputs, s.coercers, s.computes, tuple(frees.get(i, ())))
             for i, s in enumerate(self._steps)
         ]
 
@@ -204,9 +203,9 @@ def _slots(ref: Ref) -> tuple[int, ...]:
 
 
 def _rounding(op: Operation) -> Coercer:
-    """How an fp16 result of `op` is rounded: not at all, in place, or into a new tensor."""
+    """How an fp16 result of `op` is rounded: not at all (moved fp16 values), or to the nearest fp16."""
     data = [op.inputs[name] for name in VALUE_INPUTS if name in op.inputs]
     data_vars = [v for value in data for v in (value if isinstance(value, list | tuple) else [value])]
     if op.op_type in MOVES_VALUES and data_vars and all(dtype_name(v.dtype) == "fp16" for v in data_vars):
         return unchanged
-    return round_fp16_in_place if op.op_type in FRESH_RESULTS else round_fp16
+    return round_fp16

@@ -68,21 +68,24 @@ def write_synthetic(out_dir: Path, source: dict, where: str) -> None:
 
 
 def compute_reference(extracted_dir, audio, attention: str, query_chunk: int):
-    """transformers' and the ANE module's embeddings (fp32) on the offline window of speech, and their parity."""
+    """transformers' and the ANE module's embeddings on the offline window of speech, and their parity: both in
+    float64 (transformers keeps RMSNorm and RoPE angles in fp32), stored as float32 on a fixed grid (stable.py)."""
     from ..extract import load_extracted
     from ..metrics import compare_embeddings
+    from ..stable import FLOAT64_RESOLUTION_DB, float64, stored_float32
     from .model import build_offline_encoder
     from .reference import RealtimeReference
 
     weights, dims, _ = load_extracted(extracted_dir)
+    weights = {name: float64(w) for name, w in weights.items()}
     mel = speech_window(dims.mel_frames, audio)
     log.info("reference: transformers forward (Realtime, %d layers, d_model %d)", dims.n_layers, dims.d_model)
-    expected = RealtimeReference(weights, dims).audio_embeddings(mel)[None]
+    expected = RealtimeReference(weights, dims).audio_embeddings(float64(mel))[None]
     log.info("reference: ANE module forward")
     with torch.inference_mode():
-        ane = build_offline_encoder(weights, dims, attention, query_chunk)(mel).reshape(expected.shape)
-    tensors = {"mel": mel, "transformers": expected.contiguous(), "ane_module": ane.contiguous()}
-    return tensors, compare_embeddings(expected, ane)
+        ane = build_offline_encoder(weights, dims, attention, query_chunk)(float64(mel)).reshape(expected.shape)
+    tensors = {"mel": mel, "transformers": stored_float32(expected), "ane_module": stored_float32(ane)}
+    return tensors, compare_embeddings(expected, ane, resolution_db=FLOAT64_RESOLUTION_DB)
 
 
 def calibration_encoder(extracted_dir, frames: int, audio=None):

@@ -108,6 +108,7 @@ def validate_streaming(package_dir, extracted_dir, gate_db: float, backend: str,
     from ..backends import resolve_backend
     from ..extract import load_extracted
     from ..metrics import compare_embeddings
+    from ..stable import float64
     from ..validate import find_package
     from .family import speech_window
     from .reference import RealtimeReference
@@ -116,9 +117,10 @@ def validate_streaming(package_dir, extracted_dir, gate_db: float, backend: str,
     info = check_streaming(package, manifest)
     backend = resolve_backend(backend)
     weights, dims, _ = load_extracted(extracted_dir)
+    weights = {name: float64(w) for name, w in weights.items()}  # the same numbers on any machine (stable.py)
     step = info["mel_frames_per_step"]
     mel = speech_window(dims.mel_frames * 9 // 10 // step * step, audio)  # 27 s: past the window, the ring wraps
-    expected = RealtimeReference(weights, dims).streaming_embeddings(mel, info["tokens_per_step"])
+    expected = RealtimeReference(weights, dims).streaming_embeddings(float64(mel), info["tokens_per_step"]).float()
     stream = stream_mel(load_streaming_model(backend, package), info, mel, str(package))
     metrics: dict[str, object] = {
         **compare_embeddings(expected, stream.embeddings),

@@ -12,7 +12,7 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from conftest import REPO
+from conftest import BUILD, REPO
 from voxtral_coreml.backends import run_mil
 from voxtral_coreml.compress import (
     compress_mlmodel,
@@ -66,7 +66,7 @@ def recipe(name: str, **overrides: object) -> Recipe:
 @pytest.fixture(scope="session")
 def demo_model(extracted: Path) -> VoxtralEncoderANE:
     weights, dims, _ = load_extracted(extracted, dtype=torch.float16)  # as convert_package builds it
-    return build_ane_encoder(weights, dims)
+    return build_ane_encoder(weights, dims, BUILD["attention"], BUILD["query_chunk"])
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +130,9 @@ def test_mixed_target_must_lie_within_the_candidates() -> None:
 
 
 def test_convert_package_ships_the_recipe_and_records_it(extracted: Path, tmp_path: Path) -> None:
-    manifest = convert_package(extracted, tmp_path / "x.mlpackage", recipe("pal4"), model_name="demo", variant="Mini")
+    manifest = convert_package(
+        extracted, tmp_path / "x.mlpackage", recipe("pal4"), model_name="demo", variant="Mini", **BUILD
+    )
     assert manifest["recipe"]["name"] == "pal4" and manifest["recipe"]["params"]["nbits"] == 4
     assert set(manifest["compression"]["bits_per_op"].values()) == {4}
     assert manifest["ane"]["ops"].get("constexpr_lut_to_dense", 0) > 0
@@ -138,7 +140,9 @@ def test_convert_package_ships_the_recipe_and_records_it(extracted: Path, tmp_pa
 
 def test_mixed_needs_its_sensitivity_scan(extracted: Path, tmp_path: Path) -> None:
     with pytest.raises(VoxtralError, match="recipe 'mixed': a mixed recipe needs its sensitivity scan"):
-        convert_package(extracted, tmp_path / "x.mlpackage", recipe("mixed"), model_name="demo", variant="Mini")
+        convert_package(
+            extracted, tmp_path / "x.mlpackage", recipe("mixed"), model_name="demo", variant="Mini", **BUILD
+        )
     assert not (tmp_path / "x.mlpackage").exists()
 
 

@@ -86,10 +86,17 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
 
 def check_up_to_date(root: Path = Path(".")) -> None:
     """Refuse outputs that dvc.lock does not describe (stale, edited, or never built)."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        changed = repo.status()
+    try:
+        with Repo(str(root)) as repo:
+            changed = repo.status()
+    except NotDvcRepoError:
+        raise VoxtralError(
+            f"{root.resolve()}: not the pipeline's repository (no .dvc/ here or above); run publish in the checkout "
+            "where `dvc repro` built the packages"
+        ) from None
     if changed:
         raise VoxtralError(
             f"{root.resolve() / 'dvc.lock'}: the outputs of {', '.join(sorted(changed))} do not match it; "

@@ -100,7 +100,8 @@ def test_unknown_recipe_is_named(demo_repo: Path) -> None:
 
 def test_hub_model_fails_clearly_without_the_hub(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo")
-    result = run(["python", "-m", "stages.download", "mini"], repo, check=False)
+    result = run(["python", "-m", "stages.download", "mini"], repo, check=False)  # HF_ENDPOINT: conftest.UNREACHABLE_HUB
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "mistralai/Voxtral-Mini-3B-2507" in result.stderr.strip().splitlines()[-1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "mistralai/Voxtral-Mini-3B-2507" in last and "Connection refused" in last  # not the real Hub

@@ -100,7 +100,7 @@ def test_unknown_recipe_is_named(demo_repo: Path) -> None:
 
 def test_hub_model_fails_clearly_without_the_hub(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo")
-    result = run(["python", "-m", "stages.download", "mini"], repo, check=False)  # HF_ENDPOINT: conftest.UNREACHABLE_HUB
+    result = run(["python", "-m", "stages.download", "mini"], repo, check=False)  # conftest: an unreachable Hub
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

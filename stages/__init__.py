@@ -31,3 +31,7 @@ if (_missing := _missing_dependency()) is not None:
         ".venv/bin/python (or `source .venv/bin/activate`)\n"
     )
     sys.exit(2)
+
+from voxtral_coreml.runner import silence_known_warnings  # noqa: E402  (only once the dependencies are known present)
+
+silence_known_warnings()  # before the stage's own imports (coremltools warns on import)

@@ -20,6 +20,7 @@ from voxtral_coreml.compress import (
     decompress_mlmodel,
     palettized,
     program_weights,
+    stored_tensor_sizes,
     weight_op_names,
 )
 from voxtral_coreml.convert import convert_package, convert_to_mlprogram
@@ -172,8 +173,13 @@ def test_recipe_compresses_its_weights_and_saves(
     # Bytes of the compressed weights over their fp16 bytes; everything else in the blob is unchanged.
     fp16_bytes = 2 * sum(v.size for v in program_weights(programs[r.min_target], 2048).values())
     ratio = ((package / WEIGHT_BLOB).stat().st_size - (fp16 / WEIGHT_BLOB).stat().st_size + fp16_bytes) / fp16_bytes
-    low, high = ratio_range or (info["average_bits"] / 16, info["average_bits"] / 16 + 0.05)
+    average = info.get("compressed_average_bits", 16.0)  # of the compressed weights
+    low, high = ratio_range or (average / 16, average / 16 + 0.05)
     assert low - 0.005 <= ratio <= high, f"{name}: {ratio:.3f} of fp16"
+    # average_bits counts every stored tensor, those left fp16 included: the blob's bytes per element, near enough.
+    stored = stored_tensor_sizes(programs[r.min_target])
+    assert average <= info["average_bits"] <= 16 and (info["average_bits"] < 16) == (op_type is not None)
+    assert abs(info["average_bits"] / 8 * sum(stored.values()) / (package / WEIGHT_BLOB).stat().st_size - 1) < 0.1
 
 
 def test_grouped_recipe_refuses_a_program_converted_for_ios16(programs: dict) -> None:

@@ -115,6 +115,10 @@ def test_the_model_card(assembled: Path, entries: list[Entry]) -> None:
     assert f'snapshot_download("{REPO_ID}", allow_patterns=["Mini/fp16/*"])' in text
     assert "xcrun coremlcompiler compile Mini/fp16/VoxtralEncoderMini.mlpackage out/" in text
     assert "let model = try MLModel(contentsOf: url, configuration: config)" in text
+    # Everything between a microphone and the embeddings: the front-end, its arithmetic, windows, which recipe.
+    for step in ("VoxtralMelSpectrogram.mlpackage", "log10(max(mel, 1e-10))", "the maximum - 8", "(x + 4) / 4",
+                 "480,000 samples", "concatenate the windows'", "above about 1 GB", "about 1.3 GB"):  # fmt: skip
+        assert step in " ".join(text.split()), step
     assert f"voxtral-coreml {__version__}" in text
 
 

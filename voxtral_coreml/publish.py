@@ -179,6 +179,31 @@ def _measured(entries: list[Entry]) -> list[str]:
     ]
 
 
+def _microphone_to_embeddings(input_name: str, output_name: str) -> list[str]:
+    """What an app does between its microphone and the embeddings (README.md, "From a microphone to the
+    embeddings", says the same for readers of the project)."""
+    return [
+        "1. Record mono float32 PCM at 16 kHz (resample other rates, average channels).",
+        "2. Zero-pad the clip to a multiple of 30 s (480,000 samples) and cut it into 30 s windows; Voxtral's",
+        "   processor does the same (a 0.1 s clip is one window, mostly silence).",
+        f"3. Per window, the log-mel features `{input_name}` `[1, 128, 3000]`: the mel front-end package",
+        "   `VoxtralMelSpectrogram.mlpackage` of [voxtral-coreml](https://pypi.org/project/voxtral-coreml/)",
+        "   (`audio` `[1, 480000]` -> `mel_spectrogram`, no weights, any model) computes them, or your own code:",
+        "   STFT with n_fft 400, hop 160, a periodic Hann window and reflect padding, power, 128 Slaney mel",
+        "   filters (0-8 kHz), `log10(max(mel, 1e-10))`, a floor at the maximum - 8, then `(x + 4) / 4`, keeping",
+        "   3000 of the 3001 frames. Voxtral's processor takes that maximum over the whole clip; the package takes",
+        "   it per window, which is the same for clips up to 30 s and close for longer ones.",
+        f"4. Per window, this package: `{input_name}` -> `{output_name}` `[1, 375, H]`; concatenate the windows'",
+        "   embeddings in order (`[N * 375, H]`, no overlap) and give them to the language model.",
+        "",
+        "Which package for which device: an iPhone's Neural Engine refuses (or the app is killed for) models",
+        "above about 1 GB, and the fp16 Mini encoder is about 1.3 GB, so phones need a compressed recipe",
+        "(`int8` about half of it, `pal6` about 0.38, `pal4g` about a quarter with iOS 18); Macs run fp16.",
+        "The first load on the Neural Engine compiles the model (minutes for an encoder this size); later",
+        "loads are cached.",
+    ]
+
+
 def render_card(entries: list[Entry], repo_id: str) -> str:
     first = entries[0]
     package = first.manifest["package"]
@@ -205,6 +230,10 @@ def render_card(entries: list[Entry], repo_id: str) -> str:
             "## Packages",
             "",
             *_package_table(entries),
+            "",
+            "## From a microphone to the embeddings",
+            "",
+            *_microphone_to_embeddings(first.manifest["inputs"][0]["name"], first.manifest["outputs"][0]["name"]),
             "",
             "## Sources",
             "",

@@ -257,11 +257,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 class _SubParser(_Parser):
     """A command's parser: its --help shows each option's default."""
 
     def __init__(self, **kwargs: object) -> None:
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)  # type: ignore[arg-type]
+        super().__init__(formatter_class=_DefaultsFormatter, **kwargs)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,8 +97,9 @@ def test_stage_deps_are_the_code_it_imports(name: str) -> None:
     deps = code_deps(stage)
     uncovered = sorted(str(f.relative_to(REPO)) for f in used if not any(covering(d, {f}) for d in deps))
     unused = sorted(filter(None, (unused_part(d, used) for d in deps)))
-    assert not uncovered, f"dvc.yaml stage {name}: deps miss {uncovered}"
-    assert not unused, f"dvc.yaml stage {name}: deps list {unused}, which it never imports"
+    expected = "".join(f"\n  - {f.relative_to(REPO)}" for f in sorted(used))  # to paste (or a folder for its files)
+    assert not uncovered, f"dvc.yaml stage {name}: deps miss {uncovered}; it imports:{expected}"
+    assert not unused, f"dvc.yaml stage {name}: deps list {unused}, which it never imports; it imports:{expected}"
 
 
 def test_the_import_reader_follows_lazy_relative_and_package_imports() -> None:

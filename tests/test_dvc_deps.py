@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,10 @@ def test_the_import_reader_follows_lazy_relative_and_package_imports() -> None:
     assert "voxtral_coreml/sensitivity.py" in used  # imported inside main()
     assert "voxtral_coreml/__init__.py" in used and "stages/__init__.py" in used
     assert "voxtral_coreml/layouts/hf.py" in used  # through layouts/__init__.py's relative imports
+
+
+def test_the_report_stage_imports_neither_torch_nor_transformers() -> None:
+    """It reads JSON and draws a chart: importing the model stack would cost it 10 s for nothing."""
+    code = "import sys, stages.report; print(sorted({'torch', 'transformers', 'coremltools'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -4,6 +4,7 @@ script converts and validates a checkpoint from a folder that is not a checkout.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,21 +50,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     wheel = build_wheel(root)
     bin_dir = fresh_venv(root / "venv")
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(bin_dir / "python"),
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            str(wheel),
-        ],
-        root,
-    )
+    # Nothing of the checkout on the paths (conftest's run() puts it on PYTHONPATH), and --ignore-installed: the
+    # dependencies' folder holds this venv's editable install, which pip would otherwise take for this package.
+    install = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q", "--no-deps"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([*install, "--no-index", "--ignore-installed", str(wheel)], cwd=root, env=env, check=True)
     return bin_dir
 
 

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
-# DVC stages call `python`: the one in .venv.
+# DVC stages run stages/python (this .venv's python whatever PATH says); the venv on PATH serves the tools they call.
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1
 STAMP := $(VENV)/.installed
 

@@ -58,12 +58,13 @@ def naive_convert(model: str, out: Path) -> dict:
 
 def attention_variant(model: str, attention: str, out: Path) -> dict:
     """Convert with one attention core: its op count (Neural Engine compile time grows with it)."""
+    from voxtral_coreml.conf import build_settings
     from voxtral_coreml.convert import convert_package
     from voxtral_coreml.recipes import Recipe
 
     manifest = convert_package(
         extracted_dir(model), out, Recipe("fp16", "fp16", "iOS16", 0.0), model_name=model, variant="Mini",
-        attention=attention,
+        attention=attention, query_chunk=build_settings()["query_chunk"],
     )  # fmt: skip
     return {"ops_total": manifest["ane"]["ops_total"], "ops": manifest["ane"]["ops"]}
 
@@ -215,7 +216,7 @@ def main() -> None:
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("model")
     parser.add_argument("--recipe", default="fp16")
-    parser.add_argument("--attention", default="fused_heads")
+    parser.add_argument("--attention")  # the attention task's core
     parser.add_argument("--out", type=Path)
     parser.add_argument("--compute-units", default="CPU_AND_NE")
     parser.add_argument("--k", type=int, default=1, help="tokens per streaming step")

@@ -18,6 +18,7 @@ import soundfile
 from hub_server import HubServer
 from huggingface_hub import constants
 
+from voxtral_coreml.conf import build_settings
 from voxtral_coreml.dims import EncoderDims
 from voxtral_coreml.extract import extract_audio_tower
 from voxtral_coreml.features import SAMPLE_RATE, builtin_speech_clip, load_audio
@@ -29,6 +30,14 @@ DVC = str(BIN / "dvc")
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 DEMO_DIMS = EncoderDims(d_model=64, n_layers=2, n_heads=4, ffn_dim=256, hidden_size=96)
 DEMO_LM = LanguageModelShape(layers=2, intermediate=256, vocab=1000, shards=3)
+# conf/conversion.yaml's build settings: what the pipeline and the CLI convert with.
+BUILD = {key: build_settings()[key] for key in ("attention", "query_chunk")}
+# No test can reach the real Hub: unless a test points the client at tests/hub_server.py (the `hub` fixture), it
+# gets a refused connection (the discard port on this machine), in this process and in every subprocess.
+UNREACHABLE_HUB = "http://127.0.0.1:9"
+os.environ["HF_ENDPOINT"] = UNREACHABLE_HUB
+constants.ENDPOINT = UNREACHABLE_HUB
+constants.HUGGINGFACE_CO_URL_TEMPLATE = UNREACHABLE_HUB + "/{repo_id}/resolve/{revision}/{filename}"
 # What a scratch copy of the project needs to run its pipeline.
 PROJECT_FILES = ("conf", "stages", "voxtral_coreml", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
                  ".dvcignore", ".gitignore")  # fmt: skip

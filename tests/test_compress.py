@@ -12,7 +12,7 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from conftest import REPO
+from conftest import BUILD, REPO
 from voxtral_coreml.backends import run_mil
 from voxtral_coreml.compress import (
     compress_mlmodel,
@@ -20,6 +20,7 @@ from voxtral_coreml.compress import (
     decompress_mlmodel,
     palettized,
     program_weights,
+    stored_tensor_sizes,
     weight_op_names,
 )
 from voxtral_coreml.convert import convert_package, convert_to_mlprogram
@@ -66,7 +67,7 @@ def recipe(name: str, **overrides: object) -> Recipe:
 @pytest.fixture(scope="session")
 def demo_model(extracted: Path) -> VoxtralEncoderANE:
     weights, dims, _ = load_extracted(extracted, dtype=torch.float16)  # as convert_package builds it
-    return build_ane_encoder(weights, dims)
+    return build_ane_encoder(weights, dims, BUILD["attention"], BUILD["query_chunk"])
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +131,9 @@ def test_mixed_target_must_lie_within_the_candidates() -> None:
 
 
 def test_convert_package_ships_the_recipe_and_records_it(extracted: Path, tmp_path: Path) -> None:
-    manifest = convert_package(extracted, tmp_path / "x.mlpackage", recipe("pal4"), model_name="demo", variant="Mini")
+    manifest = convert_package(
+        extracted, tmp_path / "x.mlpackage", recipe("pal4"), model_name="demo", variant="Mini", **BUILD
+    )
     assert manifest["recipe"]["name"] == "pal4" and manifest["recipe"]["params"]["nbits"] == 4
     assert set(manifest["compression"]["bits_per_op"].values()) == {4}
     assert manifest["ane"]["ops"].get("constexpr_lut_to_dense", 0) > 0
@@ -138,7 +141,9 @@ def test_convert_package_ships_the_recipe_and_records_it(extracted: Path, tmp_pa
 
 def test_mixed_needs_its_sensitivity_scan(extracted: Path, tmp_path: Path) -> None:
     with pytest.raises(VoxtralError, match="recipe 'mixed': a mixed recipe needs its sensitivity scan"):
-        convert_package(extracted, tmp_path / "x.mlpackage", recipe("mixed"), model_name="demo", variant="Mini")
+        convert_package(
+            extracted, tmp_path / "x.mlpackage", recipe("mixed"), model_name="demo", variant="Mini", **BUILD
+        )
     assert not (tmp_path / "x.mlpackage").exists()
 
 
@@ -168,8 +173,13 @@ def test_recipe_compresses_its_weights_and_saves(
     # Bytes of the compressed weights over their fp16 bytes; everything else in the blob is unchanged.
     fp16_bytes = 2 * sum(v.size for v in program_weights(programs[r.min_target], 2048).values())
     ratio = ((package / WEIGHT_BLOB).stat().st_size - (fp16 / WEIGHT_BLOB).stat().st_size + fp16_bytes) / fp16_bytes
-    low, high = ratio_range or (info["average_bits"] / 16, info["average_bits"] / 16 + 0.05)
+    average = info.get("compressed_average_bits", 16.0)  # of the compressed weights
+    low, high = ratio_range or (average / 16, average / 16 + 0.05)
     assert low - 0.005 <= ratio <= high, f"{name}: {ratio:.3f} of fp16"
+    # average_bits counts every stored tensor, those left fp16 included: the blob's bytes per element, near enough.
+    stored = stored_tensor_sizes(programs[r.min_target])
+    assert average <= info["average_bits"] <= 16 and (info["average_bits"] < 16) == (op_type is not None)
+    assert abs(info["average_bits"] / 8 * sum(stored.values()) / (package / WEIGHT_BLOB).stat().st_size - 1) < 0.1
 
 
 def test_grouped_recipe_refuses_a_program_converted_for_ios16(programs: dict) -> None:

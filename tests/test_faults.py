@@ -40,7 +40,6 @@ from voxtral_coreml.runner import EXIT_USER_ERROR
 
 PROBES = Path(__file__).resolve().parent / "probes"
 MODEL, RECIPE = "demo-mini", "fp16"
-WAIT_S = 20  # for a stage to reach its kill point on a loaded 2-core machine
 
 # Where each stage is paused to be killed, and what it is doing then.
 KILL_POINTS = {
@@ -81,13 +80,11 @@ def start(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = Non
 
 
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + WAIT_S
+    """Until `condition` holds or the process ends, however long a loaded machine takes: no deadline (a stage that
+    never reaches its kill point runs to its end, and that fails the test)."""
     while not condition():
         if process.poll() is not None:
             raise AssertionError(f"exited ({process.returncode}) before the kill point:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"kill point not reached in {WAIT_S} s:\n{log.read_text()}")
         time.sleep(0.02)
 
 

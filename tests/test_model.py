@@ -26,19 +26,24 @@ def synthetic_weights(dims: EncoderDims, seed: int = 3) -> dict[str, torch.Tenso
     return {n: audio_tensor(n, s, seed).to(torch.bfloat16).float() for n, s in canonical_tensor_shapes(dims).items()}
 
 
-def parity(weights: dict[str, torch.Tensor], dims: EncoderDims, attention: str = "split_heads") -> dict:
+def parity(
+    weights: dict[str, torch.Tensor], dims: EncoderDims, attention: str = "split_heads", query_chunk: int = 7
+) -> dict:
     mel = speech_mel()
     expected = TransformersReference(weights, dims).audio_embeddings(mel)
     with torch.inference_mode():
-        got = build_ane_encoder(weights, dims, attention, query_chunk=7)(mel)
+        got = build_ane_encoder(weights, dims, attention, query_chunk)(mel)
     assert got.shape == (1, dims.n_embeddings, dims.hidden_size)
     return compare_embeddings(expected, got.reshape(expected.shape))
 
 
-@pytest.mark.parametrize("attention", ATTENTION_CORES)
-def test_ane_module_matches_transformers_at_demo_dims(attention: str) -> None:
-    # query_chunk 7 does not divide 1500: the chunked core must keep the tail (ceil, not floor).
-    assert parity(synthetic_weights(DEMO_DIMS), DEMO_DIMS, attention)["psnr_db"] >= PARITY_GATE_DB
+@pytest.mark.parametrize(
+    ("attention", "query_chunk"), [*((core, 7) for core in ATTENTION_CORES), ("split_heads_chunked", 400)]
+)
+def test_ane_module_matches_transformers_at_demo_dims(attention: str, query_chunk: int) -> None:
+    # Neither 7 nor 400 divides 1500: the chunked core must keep the tail (ceil, not floor). 7 gives more chunks
+    # than the demo's 4 heads (cut heads first), 400 fewer (cut queries first).
+    assert parity(synthetic_weights(DEMO_DIMS), DEMO_DIMS, attention, query_chunk)["psnr_db"] >= PARITY_GATE_DB
 
 
 def test_ane_module_matches_transformers_at_full_dims() -> None:

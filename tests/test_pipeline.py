@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import DVC, copy_project, run
-from voxtral_coreml.convert import MANIFEST
+from conftest import DVC, cli, copy_project, run, tree_digests
+from voxtral_coreml import paths
+from voxtral_coreml.paths import MANIFEST
+from voxtral_coreml.sources import checkpoint_root
 
 DEMO_H = {"demo-mini": 96, "demo-small": 160}
 
@@ -100,7 +103,22 @@ def test_unknown_recipe_is_named(demo_repo: Path) -> None:
 
 def test_hub_model_fails_clearly_without_the_hub(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo")
-    result = run(["python", "-m", "stages.download", "mini"], repo, check=False)
+    result = run(["python", "-m", "stages.download", "mini"], repo, check=False)  # conftest: an unreachable Hub
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "mistralai/Voxtral-Mini-3B-2507" in result.stderr.strip().splitlines()[-1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "mistralai/Voxtral-Mini-3B-2507" in last and "Connection refused" in last  # not the real Hub
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "pal6"])
+def test_the_cli_builds_the_pipelines_package_byte_for_byte(tmp_path: Path, demo_repo: Path, recipe: str) -> None:
+    """One place for each default: `voxtral-coreml convert` reads the recipes and build settings from conf/, the
+    pipeline from params.yaml composed from it."""
+    checkpoint = checkpoint_root(demo_repo / paths.checkpoint_dir("demo-mini"))
+    out = tmp_path / "VoxtralEncoderMini.mlpackage"
+    result = cli("convert", "--checkpoint", str(checkpoint), "--recipe", recipe, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    pipeline_folder = demo_repo / paths.package_dir("demo-mini", recipe)
+    assert tree_digests(out) == tree_digests(pipeline_folder / out.name)
+    ours, theirs = (json.loads((folder / MANIFEST).read_text()) for folder in (tmp_path, pipeline_folder))
+    assert {k: ours[k] for k in ("attention", "query_chunk")} == {k: theirs[k] for k in ("attention", "query_chunk")}

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import DVC, REPO, copy_project, run
 from voxtral_coreml import paths
+from voxtral_coreml.attention import ATTENTION_CORES
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.params import compose_params, load_params, lookup
 
@@ -21,10 +22,12 @@ def test_params_yaml_is_the_composition_of_conf(tmp_path: Path) -> None:
 
 def test_overrides_compose_like_dvc_exp_run_set_param(tmp_path: Path) -> None:
     composed = tmp_path / "params.yaml"
-    compose_params(composed, REPO / "conf", ["pipeline.models=[demo-mini]", "build.attention=fused_heads"])
+    default = load_params(REPO / "params.yaml")["build"]["attention"]
+    other = next(core for core in ATTENTION_CORES if core != default)  # an override that changes something
+    compose_params(composed, REPO / "conf", ["pipeline.models=[demo-mini]", f"build.attention={other}"])
     params = load_params(composed)
     assert params["pipeline"]["models"] == ["demo-mini"]
-    assert params["build"]["attention"] == "fused_heads"
+    assert params["build"]["attention"] == other
 
 
 def test_invalid_override_is_one_clear_line(tmp_path: Path) -> None:

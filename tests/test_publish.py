@@ -21,6 +21,7 @@ from voxtral_coreml.publish import (
     assemble_repository,
     check_up_to_date,
     collect_entries,
+    collect_mel_folders,
     commit_message,
     publish,
     render_card,
@@ -50,9 +51,9 @@ def entries(demo_repo: Path) -> list[Entry]:
 
 
 @pytest.fixture(scope="module")
-def assembled(entries: list[Entry], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def assembled(entries: list[Entry], demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("publish") / "repo"
-    assemble_repository(entries, out, REPO_ID)
+    assemble_repository(entries, out, REPO_ID, collect_mel_folders(demo_repo))
     return out
 
 
@@ -82,7 +83,11 @@ def test_the_repository_holds_each_package_with_its_manifest(
         assert f"{folder}/VoxtralEncoder{variant}.mlpackage/Manifest.json" in files
         built = tree_digests(demo_repo / "artifacts" / "packages" / model / recipe)
         assert {k.removeprefix(f"{folder}/"): v for k, v in package_files(assembled, folder).items()} == built
-    assert len(files) == 1 + sum(len(package_files(assembled, f)) for f in packages)
+    mel = package_files(assembled, "MelSpectrogram/fp32")  # the front-end, once for every model
+    assert {k.removeprefix("MelSpectrogram/fp32/"): v for k, v in mel.items()} == tree_digests(
+        demo_repo / "artifacts" / "mel" / "fp32"
+    )
+    assert len(files) == 1 + len(mel) + sum(len(package_files(assembled, f)) for f in packages)
 
 
 def test_an_existing_folder_is_never_replaced(entries: list[Entry], assembled: Path) -> None:
@@ -115,6 +120,12 @@ def test_the_model_card(assembled: Path, entries: list[Entry]) -> None:
     assert f'snapshot_download("{REPO_ID}", allow_patterns=["Mini/fp16/*"])' in text
     assert "xcrun coremlcompiler compile Mini/fp16/VoxtralEncoderMini.mlpackage out/" in text
     assert "let model = try MLModel(contentsOf: url, configuration: config)" in text
+    # Everything between a microphone and the embeddings: the front-end, its arithmetic, windows, which recipe.
+    steps = ("`MelSpectrogram/fp32/VoxtralMelSpectrogram.mlpackage` of this repository", "log10(max(mel, 1e-10))",
+             "the maximum - 8", "(x + 4) / 4", "480,000 samples", "concatenate the windows'", "above about 1 GB",
+             "about 1.3 GB")  # fmt: skip
+    for step in steps:
+        assert step in " ".join(text.split()), step
     assert f"voxtral-coreml {__version__}" in text
 
 

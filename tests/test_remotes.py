@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DVC, GIT, clone, output_digests, run
 
-LOCAL_REMOTE = "voxtral-coreml-dvc-remote"  # .dvc/config: ../../<this>, i.e. beside the repository
+LOCAL_REMOTE = Path(".cache") / "voxtral-coreml" / "dvc-remote"  # .dvc/config: ~/<this>, for any clone location
 BUCKET = "voxtral-coreml"
 S3_URL = f"s3://{BUCKET}/dvc"
 
@@ -41,6 +41,15 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield endpoint
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A home of its own for DVC's subprocesses: the default remote (under ~) is never the user's."""
+    with pytest.MonkeyPatch.context() as env:
+        path = tmp_path_factory.mktemp("home")
+        env.setenv("HOME", str(path))
+        yield path
 
 
 @dataclass(frozen=True)
@@ -77,19 +86,17 @@ def remote(request: pytest.FixtureRequest) -> Remote:
 
 
 def fresh_clone(demo_repo: Path, tmp_path: Path, remote: Remote) -> Path:
-    # In demo_repo's parent, so the default remote (relative to the checkout) is the one demo_repo pushed to.
-    repo = clone(demo_repo, demo_repo.parent / f"clone-{tmp_path.name}")
+    # Anywhere: not beside demo_repo (the default remote does not depend on where a clone lives).
+    repo = clone(demo_repo, tmp_path / "somewhere" / "else" / "clone")
     remote.configure(repo)
     run([DVC, "remote", "default", "--local", remote.name], repo)  # what `dvc pull` and `repro --pull` use
     return repo
 
 
-def test_the_default_remote_is_a_directory_beside_the_repository(demo_repo: Path) -> None:
+def test_the_default_remote_is_a_directory_in_the_users_cache(demo_repo: Path, home: Path) -> None:
     assert run([DVC, "remote", "default"], demo_repo).stdout.strip() == "local"
     listed = run([DVC, "remote", "list"], demo_repo).stdout.split()
-    path = Path(listed[listed.index("local") + 1])
-    assert path == demo_repo.parent / LOCAL_REMOTE
-    assert not path.is_relative_to(demo_repo)  # never inside the git checkout
+    assert Path(listed[listed.index("local") + 1]).expanduser() == home / LOCAL_REMOTE  # never inside a checkout
 
 
 def test_pull_in_a_fresh_clone_restores_every_artifact(demo_repo: Path, remote: Remote, tmp_path: Path) -> None:

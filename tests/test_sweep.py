@@ -12,8 +12,15 @@ import pytest
 import yaml
 
 from conftest import DVC, copy_project, run
-from voxtral_coreml.paths import report_file, sweep_results_dir, sweeps_dir, tradeoff_chart_file, tradeoff_data_dir
-from voxtral_coreml.sweep import RESULT_FILE, content_key
+from voxtral_coreml.paths import (
+    SWEEP_RESULT_FILE,
+    report_file,
+    sweep_results_dir,
+    sweeps_dir,
+    tradeoff_chart_file,
+    tradeoff_data_dir,
+)
+from voxtral_coreml.sweep import content_key
 from voxtral_coreml.tradeoff import Point, collect_points, pareto_front, plot_data_name, write_chart, write_plot_data
 
 SWEEP = [sys.executable, "-m", "stages.sweep"]
@@ -27,7 +34,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def results(repo: Path) -> dict[str, dict]:
     """Result key (folder name) -> result.json, for every complete result."""
     folder = repo / sweep_results_dir()
-    return {f.parent.name: json.loads(f.read_text()) for f in sorted(folder.glob(f"*/{RESULT_FILE}"))}
+    return {f.parent.name: json.loads(f.read_text()) for f in sorted(folder.glob(f"*/{SWEEP_RESULT_FILE}"))}
 
 
 def file_states(root: Path) -> dict[str, tuple[int, int]]:
@@ -177,7 +184,7 @@ def write_result(root: Path, key: str, label: str, weights_sha256: str, size_byt
     (folder / "manifest.json").write_text(json.dumps(manifest))
     metrics = {"size_bytes": size_bytes, "psnr_db": psnr_db, "gate_db": 20.0}
     result = {"config": {"model": {"name": "demo-mini"}}, "label": label, "manifest": "manifest.json"}
-    (folder / RESULT_FILE).write_text(json.dumps({**result, "metrics": metrics}))
+    (folder / SWEEP_RESULT_FILE).write_text(json.dumps({**result, "metrics": metrics}))
 
 
 def test_sweep_points_of_other_weights_get_a_chart_of_their_own(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_DIMS
+from conftest import BUILD, DEMO_DIMS
 from voxtral_coreml.convert import MANIFEST, convert_package, package_name
 from voxtral_coreml.errors import VoxtralError
 from voxtral_coreml.milrun import SUPPORTED_OPS, load_package, program_op_types
@@ -25,7 +25,7 @@ WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
 def package_and_reference(extracted: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("validate") / "fp16"
     folder.mkdir()
-    convert_package(extracted, folder / package_name("Mini"), FP16, model_name="demo", variant="Mini")
+    convert_package(extracted, folder / package_name("Mini"), FP16, model_name="demo", variant="Mini", **BUILD)
     reference, _ = compute_reference(extracted, None, "split_heads", 256)
     return folder, reference
 

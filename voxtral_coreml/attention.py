@@ -36,7 +36,9 @@ class SplitHeads(nn.Module):
 
 
 class SplitHeadsChunkedQueries(SplitHeads):
-    """ANE: per-head split with queries cut into ceil(S / chunk) pieces, bounding each score tile."""
+    """ANE: per-head split with queries cut into ceil(S / chunk) pieces, bounding each score tile (whisperkittools'
+    SplitHeadsQ, which ships Whisper's audio encoder on devices). Each (chunk, head) pair costs 2 einsum + 1 softmax;
+    the cutting and joining around them is nested in the order that needs fewer split and concat ops."""
 
     def __init__(self, n_heads: int, query_chunk: int) -> None:
         super().__init__(n_heads)
@@ -45,15 +47,26 @@ class SplitHeadsChunkedQueries(SplitHeads):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask = None) -> torch.Tensor:
         head_dim = q.shape[1] // self.n_heads
         n_chunks = math.ceil(q.shape[3] / self.query_chunk)  # ceil: 1500 queries keep their tail
-        k_t = k.transpose(1, 3)
-        heads = []
-        for qh, kh, vh in zip(
-            q.split(head_dim, dim=1), k_t.split(head_dim, dim=3), v.split(head_dim, dim=1), strict=True
-        ):
-            masks = [None] * n_chunks if mask is None else mask.chunk(n_chunks, dim=3)
-            chunks = [_attend(qc, kh, vh, mc) for qc, mc in zip(qh.chunk(n_chunks, dim=3), masks, strict=True)]
-            heads.append(torch.cat(chunks, dim=3))
-        return torch.cat(heads, dim=1)
+        k_heads = k.transpose(1, 3).split(head_dim, dim=3)  # (B, S_k, 1, c) per head: one transpose per layer
+        v_heads = v.split(head_dim, dim=1)
+
+        def heads_of(q_part: torch.Tensor) -> list[torch.Tensor]:
+            return q_part.split(head_dim, dim=1)
+
+        def chunks_of(part: torch.Tensor | None) -> list[torch.Tensor | None]:  # queries, or the mask's query axis
+            return [None] * n_chunks if part is None else list(part.split(self.query_chunk, dim=3))
+
+        if n_chunks <= self.n_heads:  # Mini: 6 chunks < 20 heads, so 1 + 6 splits of q and 6 + 1 concats
+            rows = []
+            for q_chunk, m_chunk in zip(chunks_of(q), chunks_of(mask), strict=True):
+                pairs = zip(heads_of(q_chunk), k_heads, v_heads, strict=True)
+                rows.append(torch.cat([_attend(qh, kh, vh, m_chunk) for qh, kh, vh in pairs], dim=1))
+            return torch.cat(rows, dim=3)
+        columns = []
+        for qh, kh, vh in zip(heads_of(q), k_heads, v_heads, strict=True):
+            pieces = zip(chunks_of(qh), chunks_of(mask), strict=True)
+            columns.append(torch.cat([_attend(qc, kh, vh, mc) for qc, mc in pieces], dim=3))
+        return torch.cat(columns, dim=1)
 
 
 class FusedHeads(nn.Module):
@@ -89,10 +102,12 @@ def _attend(qh: torch.Tensor, kh_t: torch.Tensor, vh: torch.Tensor, mask: Mask =
 ATTENTION_CORES = ("split_heads", "split_heads_chunked", "fused_heads")
 
 
-def make_attention_core(name: str, n_heads: int, query_chunk: int) -> nn.Module:
+def make_attention_core(name: str, n_heads: int, query_chunk: int | None) -> nn.Module:
     if name == "split_heads":
         return SplitHeads(n_heads)
     if name == "split_heads_chunked":
+        if query_chunk is None or query_chunk < 1:
+            raise VoxtralError(f"build.query_chunk: split_heads_chunked needs a query_chunk >= 1, got {query_chunk}")
         return SplitHeadsChunkedQueries(n_heads, query_chunk)
     if name == "fused_heads":
         return FusedHeads(n_heads)

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
-import yaml
-
+from . import __version__
+from .conf import build_settings, recipe_config, recipe_names
 from .errors import VoxtralError
-from .runner import run
+from .runner import EXIT_USER_ERROR, run
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def recipe_config(name: str) -> dict:
-    path = CONF_DIR / "recipe" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
-        raise VoxtralError(f"unknown recipe {name!r}; known: {', '.join(known) or 'none (conf/ not found)'}")
-    return yaml.safe_load(path.read_text())
+VARIANTS = ("Mini", "Small")
+VARIANT_IN_NAME = re.compile(r"VoxtralEncoder(Mini|Small)\.mlpackage")
 
 
 def _extract_to(checkpoint: Path, layout: str, workdir: Path, family: str = "auto") -> Path:
@@ -42,21 +37,53 @@ def _streaming_options(args: argparse.Namespace) -> dict:
     return {"streaming": {"form": args.streaming, "tokens_per_step": args.tokens_per_step}}
 
 
+def refuse_existing(package: Path) -> None:
+    """Nothing is overwritten: checked before any work, and again once the variant names the package."""
+    from .convert import MANIFEST
+
+    for path in (package, package.parent / MANIFEST):
+        if path.exists():
+            raise VoxtralError(f"{path}: already exists; remove it or choose another --out")
+
+
+def resolve_variant(flag: str | None, hidden_size: int, out: Path) -> str:
+    """--variant, else the projector's width (Mini 3072, Small 5120), else the name --out gives the package."""
+    from .convert import VARIANT_BY_HIDDEN_SIZE
+
+    named = VARIANT_IN_NAME.fullmatch(out.name)
+    variant = flag or VARIANT_BY_HIDDEN_SIZE.get(hidden_size) or (named and named.group(1))
+    if not variant:
+        raise VoxtralError(
+            f"cannot tell Mini from Small for projector width {hidden_size}; pass --variant Mini|Small "
+            "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage"
+        )
+    if named and named.group(1) != variant:
+        raise VoxtralError(f"{out}: names a {named.group(1)} package, but this encoder is {variant}")
+    return variant
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .dims import read_encoder_json
-    from .families import family_of, family_of_extracted
+    from .families import DEFAULT_FAMILY, family_module, family_of
     from .recipes import Recipe
 
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
     options = _streaming_options(args)
     out = Path(args.out)
+    if out.suffix == ".mlpackage":
+        refuse_existing(out)
     with tempfile.TemporaryDirectory(prefix=".voxtral-", dir=out.parent if out.parent.exists() else None) as tmp:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp), args.family)
-        family = family_of_extracted(extracted)
-        if options and family_of(read_encoder_json(extracted)) != "realtime":
+        meta = read_encoder_json(extracted)
+        family = family_module(family_of(meta))
+        if options and family_of(meta) != "realtime":
             raise VoxtralError(f"{args.checkpoint}: --streaming needs a Voxtral Realtime checkpoint")
-        variant = args.variant or family.default_variant(extracted)
+        if family_of(meta) == DEFAULT_FAMILY:  # Mini or Small: the package's name says which
+            variant = resolve_variant(args.variant, int(meta["dims"]["hidden_size"]), out)
+        else:
+            variant = args.variant or family.default_variant(extracted)
         package = out if out.suffix == ".mlpackage" else out / family.package_name(variant, **options)
+        refuse_existing(package)
         manifest = family.convert_package(
             extracted,
             package,
@@ -64,22 +91,60 @@ def cmd_convert(args: argparse.Namespace) -> None:
             model_name=Path(args.checkpoint).name,
             variant=variant,
             attention=args.attention,
+            query_chunk=args.query_chunk,
             **options,
         )
     print(f"{package}: {manifest['outputs'][0]['shape']} ({manifest['size_bytes'] / 1e6:.1f} MB)")
 
 
+def check_same_encoder(package: Path, manifest: dict, extracted: Path, checkpoint: str) -> None:
+    """A package validated against another model's checkpoint would fail deep inside the reference (or pass
+    meaninglessly): its dimensions must be the checkpoint's."""
+    from .dims import read_encoder_json
+    from .families import family_module, family_of
+
+    meta = read_encoder_json(extracted)
+    if family_of(meta) != family_of(manifest):
+        raise VoxtralError(
+            f"{package}: a {family_of(manifest)} package; {checkpoint} holds a {family_of(meta)} encoder: validate "
+            "against the checkpoint it was converted from"
+        )
+    dims_of = family_module(family_of(meta)).dims_from_json
+    theirs = dims_of(meta["dims"], checkpoint)
+    ours = dims_of(manifest.get("dims") or {}, str(package))
+    if ours != theirs:
+        raise VoxtralError(
+            f"{package}: converted from an encoder of projector width {ours.hidden_size}, {ours.n_layers} layers, "
+            f"d_model {ours.d_model}; {checkpoint} holds width {theirs.hidden_size}, {theirs.n_layers} layers, "
+            f"d_model {theirs.d_model}: validate against the checkpoint it was converted from"
+        )
+
+
+def validation_gate(args: argparse.Namespace, package: Path, manifest: dict) -> float:
+    if args.gate is not None:
+        return args.gate
+    if "recipe" not in manifest:
+        raise VoxtralError(f"{package}: its manifest names no recipe to take the gate from; pass --gate")
+    return float(recipe_config(manifest["recipe"]["name"])["psnr_gate_db"])
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
-    from .reference import compute_reference
+    from .families import family_of_extracted
     from .validate import find_package, validate_package
 
     package, manifest = find_package(Path(args.package))
-    if args.gate is None and "recipe" not in manifest:
-        raise VoxtralError(f"{package}: its manifest names no recipe to take the gate from; pass --gate")
-    gate = args.gate if args.gate is not None else float(recipe_config(manifest["recipe"]["name"])["psnr_gate_db"])
+    gate = validation_gate(args, package, manifest)
+    if args.audio is not None and not Path(args.audio).is_file():
+        raise VoxtralError(f"{args.audio}: no such audio file")
+    build = build_settings()  # what a manifest that predates `query_chunk` was built with
+    attention = manifest.get("attention", build["attention"])
+    query_chunk = manifest.get("query_chunk", build["query_chunk"])
     with tempfile.TemporaryDirectory(prefix=".voxtral-") as tmp:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
-        reference, parity = compute_reference(extracted, args.audio, manifest.get("attention", "split_heads"), 256)
+        check_same_encoder(package, manifest, extracted, args.checkpoint)
+        reference, parity = family_of_extracted(extracted).compute_reference(
+            extracted, args.audio, attention, query_chunk
+        )
         metrics, timings = validate_package(package, reference, gate, backend=args.backend)
     metrics["ane_module_vs_transformers"] = parity
     metrics["timings"] = timings
@@ -156,20 +221,33 @@ def cmd_publish(args: argparse.Namespace) -> None:
     print(url or f"assembled {args.out} (not uploaded)")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="voxtral-coreml", description=__doc__)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit 2, like every other error (`--help` shows the usage)."""
 
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from .attention import ATTENTION_CORES
+    from .layouts import LAYOUTS
+
+    build = build_settings()  # conf/conversion.yaml: the pipeline's own defaults
     c = sub.add_parser("convert", help="checkpoint directory -> .mlpackage + manifest.json")
     c.add_argument("--checkpoint", required=True, help="a Voxtral checkpoint directory")
-    c.add_argument("--recipe", default="fp16", help="a recipe name from conf/recipe/")
-    c.add_argument("--out", required=True, help="the .mlpackage to write (or a folder for it)")
-    c.add_argument("--variant", choices=["Mini", "Small"], help="default: from the projector's width")
-    c.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
-    c.add_argument("--attention", default="split_heads", help="attention core (see conf/config.yaml)")
+    c.add_argument("--recipe", default="fp16", choices=recipe_names(), help="a recipe of conf/recipe/")
+    c.add_argument("--out", required=True, help="the .mlpackage to write (or a folder for it); never overwritten")
     c.add_argument(
-        "--family", default="auto", choices=["auto", "2507", "realtime"], help="encoder family (default: detected)"
+        "--variant",
+        choices=VARIANTS,
+        help="default: from the projector's width (3072: Mini, 5120: Small) or --out's name",
+    )
+    c.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="checkpoint layout (auto: detected)")
+    c.add_argument("--attention", default=build["attention"], choices=ATTENTION_CORES, help="attention core")
+    c.add_argument("--query-chunk", type=int, default=build["query_chunk"], help="queries per chunk (chunked core)")
+    c.add_argument(
+        "--family", default="auto", choices=["auto", "2507", "realtime"], help="encoder family (auto: detected)"
     )
     c.add_argument(
         "--streaming",
@@ -184,26 +262,37 @@ def parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_convert)
 
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    from .backends import BACKENDS
+    from .layouts import LAYOUTS
+
     v = sub.add_parser("validate", help="compare a package's embeddings with transformers")
     v.add_argument("package", help="the .mlpackage (manifest.json beside it)")
     v.add_argument("--checkpoint", required=True, help="the checkpoint it was converted from")
     v.add_argument("--audio", help="wav/flac to validate on (default: built-in speech)")
-    v.add_argument("--backend", default="auto", help="auto (Core ML on macOS, else mil) | mil | coreml")
+    v.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: Core ML on macOS, else mil")
     v.add_argument("--gate", type=float, help="PSNR gate in dB (default: the recipe's)")
-    v.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
+    v.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="checkpoint layout (auto: detected)")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.set_defaults(func=cmd_validate)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="describe a package")
-    i.add_argument("package")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("package", help="the .mlpackage (manifest.json beside it) or its folder")
+    i.add_argument("--json", action="store_true", help="print everything as JSON")
     i.set_defaults(func=cmd_inspect)
+
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    from .backends import BACKENDS
 
     e = sub.add_parser("encode", help="audio of any length -> audio embeddings [N*375, H], one call per 30 s window")
     e.add_argument("audio", help="an audio file (wav, flac, ...): averaged to mono, resampled to 16 kHz")
     e.add_argument("--package", required=True, help="an encoder .mlpackage (manifest.json beside it)")
     e.add_argument("--out", help="write the embeddings to FILE.npy or FILE.safetensors (default: print a summary)")
-    e.add_argument("--backend", default="auto", help="auto (Core ML on macOS, else mil) | mil | coreml")
+    e.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: Core ML on macOS, else mil")
     e.add_argument(
         "--stream",
         action="store_true",
@@ -213,18 +302,51 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens-per-step", type=int, help="check the streaming package's K (a build parameter)")
     e.set_defaults(func=cmd_encode)
 
+
+def _add_publish(sub: argparse._SubParsersAction) -> None:
     h = sub.add_parser("publish", help="upload the pipeline's packages to a Hugging Face model repo")
     h.add_argument("--repo", required=True, help="org/name on the Hub (token: HF_TOKEN or `hf auth login`)")
     h.add_argument("--out", help="assemble the repository here and keep it (default: a temporary folder)")
     h.add_argument("--dry-run", action="store_true", help="assemble only, do not upload (needs --out)")
     h.add_argument("--private", action="store_true", help="create the repo as private if it does not exist")
     h.set_defaults(func=cmd_publish)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="voxtral-coreml", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
+    for add in (_add_convert, _add_validate, _add_inspect, _add_encode, _add_publish):
+        add(sub)
     return p
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+class _SubParser(_Parser):
+    """A command's parser: its --help shows each option's default."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(formatter_class=_DefaultsFormatter, **kwargs)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    run(lambda: args.func(args), debug=args.debug or None)
+    argv = sys.argv[1:] if argv is None else argv
+    # The parser reads conf/ (recipe names, build defaults): inside run(), so a problem there is one line too.
+    run(lambda: _dispatch(argv), debug="--debug" in argv or None)
+
+
+def _dispatch(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PALETTE_NBITS = (1, 2, 3, 4, 6, 8)  # what constexpr_lut_to_dense holds
 LINEAR_NBITS = {"int8": 8, "int4": 4}
+FP16_BITS = 16  # what every tensor a recipe leaves alone is stored as
 WEIGHT_CONSUMERS = {"conv", "linear", "matmul"}  # the ops whose `weight` input a recipe compresses
 # Grouped LUTs, blockwise scales and int4 exist only as iOS18's constexpr ops.
 IOS18_FEATURES = {"per_grouped_channel", "per_block", "int4"}
@@ -280,7 +281,7 @@ def compress_mlmodel(
     if recipe.kind == "fp16":
         if bits_per_op is not None:
             raise ValueError(f"recipe '{recipe.name}' (fp16) takes no per-op bits")
-        return mlmodel, {**info, "bits_per_op": {}, "average_bits": 16.0}
+        return mlmodel, {**info, "bits_per_op": {}, "average_bits": float(FP16_BITS)}
     _check_program_target(mlmodel, recipe)
     threshold = recipe.params["weight_threshold"]
     weights = program_weights(mlmodel, threshold)
@@ -298,11 +299,27 @@ def compress_mlmodel(
         name = next(iter(left))
         raise VoxtralError(f"recipe '{recipe.name}': weight '{name}' {list(left[name].shape)} was left uncompressed")
     info["bits_per_op"] = bits
-    info["average_bits"] = round(average_bits(bits, {name: v.size for name, v in weights.items()}), 4)
+    sizes = stored_tensor_sizes(mlmodel)
+    info["compressed_average_bits"] = round(average_bits(bits, {name: v.size for name, v in weights.items()}), 4)
+    # Over every stored tensor, the ones left fp16 (small weights, biases, norms, positions) included.
+    info["average_bits"] = round(average_bits({name: bits.get(name, FP16_BITS) for name in sizes}, sizes), 4)
     if recipe.kind != "linear":
         info["kmeans"] = kmeans_backend()
-    log.info("recipe %s: %d weights at %.2f bits on average", recipe.name, len(bits), info["average_bits"])
+    log.info(
+        "recipe %s: %d weights at %.2f bits on average, %.2f bits over all %d tensors",
+        recipe.name, len(bits), info["compressed_average_bits"], info["average_bits"], len(sizes),
+    )  # fmt: skip
     return compressed, info
+
+
+def stored_tensor_sizes(mlmodel: MLModel) -> dict[str, int]:
+    """Const op name -> element count of every float tensor the program stores (weights, biases, norms, positions)."""
+    sizes = {}
+    for op in mlmodel._mil_program.functions["main"].operations:
+        value = op.outputs[0].val if op.op_type == "const" else None
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 1:
+            sizes[op.name] = value.size
+    return sizes
 
 
 def average_bits(bits: dict[str, int], sizes: dict[str, int]) -> float:

@@ -28,6 +28,7 @@ from .extract import load_extracted
 from .mil_passes import pass_pipeline
 from .model import VoxtralEncoderANE, build_ane_encoder
 from .package_info import ane_report
+from .paths import MANIFEST
 from .recipes import TARGETS, Recipe
 from .sensitivity import program_bits
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "mel_spectrogram"
 OUTPUT_NAME = "audio_embeddings"
-MANIFEST = "manifest.json"
 VARIANT_BY_HIDDEN_SIZE = {3072: "Mini", 5120: "Small"}
 
 
@@ -130,11 +130,13 @@ def convert_package(
     *,
     model_name: str,
     variant: str | None = None,
-    attention: str = "split_heads",
-    query_chunk: int = 256,
+    attention: str,
+    query_chunk: int,
     sensitivity: dict | None = None,
 ) -> dict:
     """Write the `.mlpackage` at `package` and `manifest.json` beside it, each atomically (manifest last).
+
+    `attention` and `query_chunk` are conf/conversion.yaml's `build` settings (the CLI reads the same file).
 
     `sensitivity` is the scan a `mixed` recipe chooses its bits from (sensitivity.scan_sensitivity)."""
     started = time.monotonic()
@@ -170,6 +172,7 @@ def convert_package(
         "deployment_target": {"coreml": recipe.min_target, "ios": ios, "macos": macos},
         "dims": dims.to_json(),
         "attention": attention,
+        "query_chunk": query_chunk,
         "weights_sha256": encoder_meta["weights_sha256"],
         "source": encoder_meta.get("source", {}),
         "size_bytes": tree_size(package),

@@ -104,7 +104,7 @@ class Projector(nn.Module):
 
 
 class VoxtralEncoderANE(nn.Module):
-    def __init__(self, dims: EncoderDims, attention: str = "split_heads", query_chunk: int = 256) -> None:
+    def __init__(self, dims: EncoderDims, attention: str, query_chunk: int | None = None) -> None:
         super().__init__()
         d = dims.d_model
         self.dims = dims
@@ -170,11 +170,11 @@ def ane_state_dict(weights: dict[str, torch.Tensor], dims: EncoderDims) -> dict[
 def build_ane_encoder(
     weights: dict[str, torch.Tensor],
     dims: EncoderDims,
-    attention: str = "split_heads",
-    query_chunk: int = 256,
+    attention: str,
+    query_chunk: int | None = None,
 ) -> VoxtralEncoderANE:
     """The module with `weights` assigned in place: built on the meta device, so nothing is initialized
-    at random and no weight is copied."""
+    at random and no weight is copied. `query_chunk` is for the `split_heads_chunked` core only."""
     with torch.device("meta"):
         model = VoxtralEncoderANE(dims, attention, query_chunk)
     model.load_state_dict(ane_state_dict(weights, dims), strict=True, assign=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ARTIFACTS = Path("artifacts")
+MANIFEST = "manifest.json"  # beside every package: what it is, how it was made, how it measured
+SWEEP_RESULT_FILE = "result.json"  # in each sweep result's folder, beside the package and its manifest
 
 
 def checkpoint_dir(model: str) -> Path:

@@ -9,6 +9,8 @@ Repository layout, one folder per package (the same folder as artifacts/packages
     README.md                                    model card
     <Variant>/<recipe>/VoxtralEncoder<Variant>.mlpackage/
     <Variant>/<recipe>/manifest.json
+    MelSpectrogram/<precision>/VoxtralMelSpectrogram.mlpackage/  (the mel front-end, for every model)
+    MelSpectrogram/<precision>/manifest.json
 
 so an app downloads one package with `snapshot_download(repo, allow_patterns=["Mini/fp16/*"])`.
 """
@@ -28,7 +30,7 @@ from .errors import VoxtralError
 from .layouts import read_json
 from .markdown import shape_text, table_head, table_row
 from .params import PARAMS_FILE, load_params, lookup
-from .paths import metrics_file, package_dir
+from .paths import mel_package_dir, metrics_file, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,31 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
     return entries
 
 
+MEL_REPO_FOLDER = "MelSpectrogram"
+
+
+def collect_mel_folders(root: Path = Path(".")) -> dict[str, Path]:
+    """Repository folder -> the mel front-end package folder, for each precision of params.yaml's pipeline.mel."""
+    precisions = lookup(load_params(root / PARAMS_FILE), "pipeline.mel")
+    folders = {f"{MEL_REPO_FOLDER}/{p}": root / mel_package_dir(p) for p in precisions}
+    for folder in folders.values():
+        read_json(folder / MANIFEST)  # built and complete
+    return folders
+
+
 def check_up_to_date(root: Path = Path(".")) -> None:
     """Refuse outputs that dvc.lock does not describe (stale, edited, or never built)."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        changed = repo.status()
+    try:
+        with Repo(str(root)) as repo:
+            changed = repo.status()
+    except NotDvcRepoError:
+        raise VoxtralError(
+            f"{root.resolve()}: not the pipeline's repository (no .dvc/ here or above); run publish in the checkout "
+            "where `dvc repro` built the packages"
+        ) from None
     if changed:
         raise VoxtralError(
             f"{root.resolve() / 'dvc.lock'}: the outputs of {', '.join(sorted(changed))} do not match it; "
@@ -172,7 +193,38 @@ def _measured(entries: list[Entry]) -> list[str]:
     ]
 
 
-def render_card(entries: list[Entry], repo_id: str) -> str:
+def _mel_front_end(mel_folders: list[str]) -> str:
+    if not mel_folders:
+        return "the mel front-end package `VoxtralMelSpectrogram.mlpackage` (voxtral-coreml's `mel` stage builds it;"
+    return f"the mel front-end package `{mel_folders[0]}/VoxtralMelSpectrogram.mlpackage` of this repository ("
+
+
+def _microphone_to_embeddings(input_name: str, output_name: str, mel_folders: list[str]) -> list[str]:
+    """What an app does between its microphone and the embeddings (README.md, "From a microphone to the
+    embeddings", says the same for readers of the project)."""
+    return [
+        "1. Record mono float32 PCM at 16 kHz (resample other rates, average channels).",
+        "2. Zero-pad the clip to a multiple of 30 s (480,000 samples) and cut it into 30 s windows; Voxtral's",
+        "   processor does the same (a 0.1 s clip is one window, mostly silence).",
+        f"3. Per window, the log-mel features `{input_name}` `[1, 128, 3000]`: {_mel_front_end(mel_folders)}",
+        "   `audio` `[1, 480000]` -> `mel_spectrogram`, no weights, any model) computes them, or your own code:",
+        "   STFT with n_fft 400, hop 160, a periodic Hann window and reflect padding, power, 128 Slaney mel",
+        "   filters (0-8 kHz), `log10(max(mel, 1e-10))`, a floor at the maximum - 8, then `(x + 4) / 4`, keeping",
+        "   3000 of the 3001 frames. Voxtral's processor takes that maximum over the whole clip; the package takes",
+        "   it per window, which is the same for clips up to 30 s and close for longer ones.",
+        f"4. Per window, this package: `{input_name}` -> `{output_name}` `[1, 375, H]`; concatenate the windows'",
+        "   embeddings in order (`[N * 375, H]`, no overlap) and give them to the language model.",
+        "",
+        "Which package for which device: an iPhone's Neural Engine refuses (or the app is killed for) models",
+        "above about 1 GB, and the fp16 Mini encoder is about 1.3 GB, so phones need a compressed recipe",
+        "(`int8` about half of it, `pal6` about 0.38, `pal4g` about a quarter with iOS 18); Macs run fp16.",
+        "The first load on the Neural Engine compiles the model (minutes for an encoder this size); later",
+        "loads are cached.",
+    ]
+
+
+def render_card(entries: list[Entry], repo_id: str, mel_folders: list[str] | None = None) -> str:
+    """The model card; `mel_folders`: the repository's mel front-end folders (MelSpectrogram/<precision>)."""
     first = entries[0]
     package = first.manifest["package"]
     name = package.removesuffix(".mlpackage")
@@ -198,6 +250,12 @@ def render_card(entries: list[Entry], repo_id: str) -> str:
             "## Packages",
             "",
             *_package_table(entries),
+            "",
+            "## From a microphone to the embeddings",
+            "",
+            *_microphone_to_embeddings(
+                first.manifest["inputs"][0]["name"], first.manifest["outputs"][0]["name"], mel_folders or []
+            ),
             "",
             "## Sources",
             "",
@@ -243,14 +301,19 @@ def render_card(entries: list[Entry], repo_id: str) -> str:
     )
 
 
-def assemble_repository(entries: list[Entry], out_dir: Path, repo_id: str) -> None:
+def assemble_repository(
+    entries: list[Entry], out_dir: Path, repo_id: str, mel_folders: dict[str, Path] | None = None
+) -> None:
     """The repository's files in `out_dir`, which appears whole or not at all (and never replaces a folder)."""
     if out_dir.exists():
         raise VoxtralError(f"{out_dir}: already exists; assemble into a new folder")
+    mel_folders = mel_folders or {}
     with atomic_path(out_dir) as staging:
         for entry in entries:
             shutil.copytree(entry.folder, staging / entry.repo_folder)
-        (staging / CARD).write_text(render_card(entries, repo_id))
+        for repo_folder, folder in mel_folders.items():
+            shutil.copytree(folder, staging / repo_folder)
+        (staging / CARD).write_text(render_card(entries, repo_id, sorted(mel_folders)))
 
 
 def commit_message(entries: list[Entry]) -> str:
@@ -291,10 +354,10 @@ def publish(
 ) -> str | None:
     """Assemble the repository from root's pipeline outputs and upload it (unless `dry_run`)."""
     check_up_to_date(root)
-    entries = collect_entries(root)
+    entries, mel_folders = collect_entries(root), collect_mel_folders(root)
     with tempfile.TemporaryDirectory(prefix=".voxtral-publish-") as tmp:
         folder = out or Path(tmp) / "repo"
-        assemble_repository(entries, folder, repo_id)
+        assemble_repository(entries, folder, repo_id, mel_folders)
         log.info("assembled %s: %s", folder, ", ".join(e.repo_folder for e in entries))
         if dry_run:
             return None

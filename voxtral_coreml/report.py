@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import write_text_atomic
-from .layouts import read_json
+from .errors import read_json
 from .markdown import shape_text, table_head, table_row
 from .paths import (
     ARTIFACTS,

@@ -12,13 +12,27 @@ from typing import NoReturn
 from .errors import VoxtralError
 
 EXIT_USER_ERROR = 2
-# coremltools warns on import about versions it has not tested; the pins in requirements.lock are tested here.
+# Known and harmless, so dropped: coremltools warns on import that it has not tested our torch and scikit-learn (the
+# pins in requirements.lock are tested here), and each of its modules that wants the macOS-only Core ML runtime
+# warns that it cannot load it (`Failed to load _MLModelProxy: ... libcoremlpython`; 14 lines on Linux).
 KNOWN_VERSION_WARNINGS = ("has not been tested with coremltools", "scikit-learn version", "libcoremlpython")
 
 
 class _DropKnownVersionWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(text in record.getMessage() for text in KNOWN_VERSION_WARNINGS)
+
+
+_DROP_KNOWN = _DropKnownVersionWarnings()
+
+
+def silence_known_warnings() -> None:
+    """Drop them where every record passes: the root logger's handlers (a filter on the `coremltools` logger misses
+    its child loggers' records) and Python's last-resort handler (which prints them when coremltools is imported
+    before logging is configured, as a stage's imports do). Idempotent."""
+    for handler in (*logging.getLogger().handlers, logging.lastResort):
+        if handler is not None:
+            handler.addFilter(_DROP_KNOWN)
 
 
 def configure_logging(debug: bool = False) -> None:
@@ -30,7 +44,7 @@ def configure_logging(debug: bool = False) -> None:
     for noisy in ("coremltools", "httpx", "urllib3", "filelock", "torch"):
         # Their INFO lines are per op or per request; progress bars already show progress.
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("coremltools").addFilter(_DropKnownVersionWarnings())
+    silence_known_warnings()
 
 
 def run(main: Callable[[], object], debug: bool | None = None) -> NoReturn:

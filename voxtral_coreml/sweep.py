@@ -32,6 +32,7 @@ from .dims import read_encoder_json
 from .errors import VoxtralError
 from .extract import extract_audio_tower
 from .layouts import read_json
+from .paths import SWEEP_RESULT_FILE
 from .recipes import Recipe
 from .reference import check_parity, compute_reference, save_reference
 from .sources import checkpoint_root, fingerprint, materialize_checkpoint, public_source_info
@@ -39,7 +40,6 @@ from .validate import REFERENCE_FILE, load_reference, validate_package
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 PARITY_FILE = "parity.json"
 # Hydra overrides that choose the configuration rather than change it: not part of a result's label.
 SELECTION_KEYS = ("model", "recipe")
@@ -181,7 +181,7 @@ def run_job(job: SweepJob, root: Path) -> dict[str, Any]:
     folder = root / "results" / key
     if not build_once(folder, lambda staging: _convert_and_validate(job, spec, key, extracted, root, staging)):
         log.info("cached: %s (%s %s)", key, job.model, job.label)
-    result = read_json(folder / RESULT_FILE)
+    result = read_json(folder / SWEEP_RESULT_FILE)
     psnr, size_mb = result["metrics"]["psnr_db"], result["size_bytes"] / 1e6
     log.info("%s %s: %.1f MB, PSNR %s dB: %s", job.model, job.label, size_mb, psnr, folder)
     return result
@@ -221,4 +221,4 @@ def _convert_and_validate(job: SweepJob, spec: dict, key: str, extracted: Path, 
         "timings": timings,
         "job": {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "finished": time.time()},
     }
-    write_json_atomic(staging / RESULT_FILE, result)
+    write_json_atomic(staging / SWEEP_RESULT_FILE, result)

@@ -11,11 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from .atomic import atomic_path, write_json_atomic
-from .convert import MANIFEST
-from .layouts import read_json
+from .errors import read_json
 from .markdown import table_head, table_row
-from .paths import metrics_file, package_dir
-from .sweep import RESULT_FILE
+from .paths import MANIFEST, SWEEP_RESULT_FILE, metrics_file, package_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +49,7 @@ def pipeline_points(models: list[str], recipes: list[str]) -> list[Point]:
 
 def sweep_points(results_dir: str | os.PathLike[str]) -> list[Point]:
     points = []
-    for result_file in sorted(Path(results_dir).glob(f"*/{RESULT_FILE}")):
+    for result_file in sorted(Path(results_dir).glob(f"*/{SWEEP_RESULT_FILE}")):
         result = read_json(result_file)
         manifest = read_json(result_file.parent / result["manifest"])
         model = result["config"]["model"]["name"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import VoxtralError
-from .base import Layout, SourceTensor, is_encoder_tensor_any_layout, read_json
+from ..errors import VoxtralError, read_json
+from .base import Layout, SourceTensor, is_encoder_tensor_any_layout
 from .hf import HFLayout
 from .mistral import MistralLayout
 from .mlx import MLXLayout

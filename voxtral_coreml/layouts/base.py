@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from ..dims import EncoderDims
-from ..errors import JSON_ERRORS, VoxtralError
+from ..errors import VoxtralError
 from ..safetensors_io import TensorInfo, read_tensor
 
 AUDIO_PREFIXES = ("audio_tower.", "multi_modal_projector.")  # HF and MLX names
@@ -73,22 +72,6 @@ class Layout:
     def source_name(self, canonical: str) -> str:
         """The name a canonical tensor has in this layout's files, for messages."""
         return canonical
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise VoxtralError(f"{path}: not found")
-    try:
-        data = json.loads(path.read_text())
-    except JSON_ERRORS as e:
-        raise VoxtralError(f"{path}: invalid JSON ({_first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise VoxtralError(f"{path}: expected a JSON object")
-    return data
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def safe_member(root: Path, name: object, source: Path) -> Path:

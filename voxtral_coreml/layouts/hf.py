@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..dims import CONV_KERNEL, CONV_WEIGHTS, EncoderDims
-from ..errors import VoxtralError
+from ..errors import VoxtralError, read_json
 from ..safetensors_io import TensorInfo, read_header
-from .base import Layout, SourceTensor, config_int, is_audio_tensor, read_json, safe_member, stored_tensor
+from .base import Layout, SourceTensor, config_int, is_audio_tensor, safe_member, stored_tensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

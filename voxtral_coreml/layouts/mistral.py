@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 
 from ..dims import FRAMES_PER_EMBEDDING, MEL_BINS, EncoderDims
-from ..errors import VoxtralError
+from ..errors import VoxtralError, read_json
 from ..safetensors_io import read_header
 from .base import (
     MISTRAL_PREFIX,
@@ -21,7 +21,6 @@ from .base import (
     config_int,
     config_section,
     is_mistral_encoder_tensor,
-    read_json,
     stored_tensor,
 )
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ..dims import CONV_KERNEL, CONV_WEIGHTS, POSITIONS_KEY, canonical_tensor_shapes
-from ..errors import VoxtralError
+from ..errors import VoxtralError, read_json
 from ..safetensors_io import FLOAT_DTYPES, TensorInfo, read_tensor
-from .base import SourceTensor, read_json, stored_tensor
+from .base import SourceTensor, stored_tensor
 from .hf import CONFIG, Headers, HFLayout, audio_headers, written_by_mlx
 from .mlx_quant import WORD_BITS, QuantParams, dequantize, module_params, quantization_section
 

@@ -1,0 +1,118 @@
+"""dvc.yaml's code deps are what each stage runs: the project modules its script imports, transitively (read from
+the source, lazy imports inside functions included), so that every code change reruns the stages it can change and
+no other."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+PROJECT_PACKAGES = ("stages", "voxtral_coreml")
+
+
+def module_file(module: str) -> Path | None:
+    """The file of a project module (a package's __init__.py), or None for anything else."""
+    if module.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = REPO.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement of `path` names (absolute, relative, `from x import submodule`)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{node.module}" if node.module else anchor
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # a submodule, if it is one
+    return found
+
+
+def files_of(module: str) -> list[Path]:
+    """What importing (or `python -m`) `module` runs first: a/__init__.py, a/b/__init__.py, then a/b/c.py."""
+    parts = module.split(".")
+    return [f for i in range(1, len(parts) + 1) if (f := module_file(".".join(parts[:i]))) is not None]
+
+
+def project_files_used(module: str) -> set[Path]:
+    """Every project file that `python -m module` runs or imports, transitively."""
+    seen: set[Path] = set()
+    todo = files_of(module)
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += [f for imported in imported_modules(path) for f in files_of(imported) if f not in seen]
+    return seen
+
+
+def stage_definitions() -> dict[str, dict]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+def code_deps(stage: dict) -> set[str]:
+    return {dep for dep in stage["deps"] if dep.split("/")[0] in PROJECT_PACKAGES}
+
+
+def covering(dep: str, files: set[Path]) -> set[Path]:
+    target = REPO / dep
+    return {f for f in files if f == target or target in f.parents}
+
+
+def unused_part(dep: str, used: set[Path]) -> str | None:
+    """`dep` if the stage imports none of it; for a folder, its first module the stage does not import."""
+    target = REPO / dep
+    modules = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    unused = [m for m in modules if m not in used]
+    return str(unused[0].relative_to(REPO)) if unused else None
+
+
+@pytest.mark.parametrize("name", sorted(stage_definitions()))
+def test_stage_deps_are_the_code_it_imports(name: str) -> None:
+    stage = stage_definitions()[name]
+    used = project_files_used(re.search(r"-m (stages\.\w+)", stage["cmd"]).group(1))
+    deps = code_deps(stage)
+    uncovered = sorted(str(f.relative_to(REPO)) for f in used if not any(covering(d, {f}) for d in deps))
+    unused = sorted(filter(None, (unused_part(d, used) for d in deps)))
+    expected = "".join(f"\n  - {f.relative_to(REPO)}" for f in sorted(used))  # to paste (or a folder for its files)
+    assert not uncovered, f"dvc.yaml stage {name}: deps miss {uncovered}; it imports:{expected}"
+    assert not unused, f"dvc.yaml stage {name}: deps list {unused}, which it never imports; it imports:{expected}"
+
+
+def test_the_import_reader_follows_lazy_relative_and_package_imports() -> None:
+    used = {str(f.relative_to(REPO)) for f in project_files_used("stages.sensitivity")}
+    assert "voxtral_coreml/sensitivity.py" in used  # imported inside main()
+    assert "voxtral_coreml/__init__.py" in used and "stages/__init__.py" in used
+    assert "voxtral_coreml/layouts/hf.py" in used  # through layouts/__init__.py's relative imports
+
+
+def test_the_report_stage_imports_neither_torch_nor_transformers() -> None:
+    """It reads JSON and draws a chart: importing the model stack would cost it 10 s for nothing."""
+    code = "import sys, stages.report; print(sorted({'torch', 'transformers', 'coremltools'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -17,7 +17,7 @@ import torch
 
 from .dims import MEL_BINS, MEL_FRAMES
 from .errors import VoxtralError
-from .stable import FLOAT64, stored_float32
+from .stable import stored_float32
 
 log = logging.getLogger(__name__)
 
@@ -108,4 +108,4 @@ def log_mel_windows(audio: np.ndarray, dtype: torch.dtype = torch.float32) -> to
 def speech_mel(audio_path: str | os.PathLike[str] | None = None) -> torch.Tensor:
     """The first 30 s window of a clip (the built-in speech when None): [1, 128, 3000] float32, computed in float64
     and stored rounded (stable.py), so that every machine feeds the reference the same mel."""
-    return stored_float32(log_mel_windows(load_audio(audio_path or builtin_speech_clip()), FLOAT64)[:1])
+    return stored_float32(log_mel_windows(load_audio(audio_path or builtin_speech_clip()), torch.float64)[:1])

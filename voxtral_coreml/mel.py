@@ -44,7 +44,7 @@ from .features import (
 from .metrics import ERROR_DIGITS, PSNR_DECIMALS, psnr_db
 from .package_info import package_structure
 from .recipes import TARGETS
-from .stable import FLOAT64, round_decimals, round_significant
+from .stable import round_decimals, round_significant
 from .validate import check_structure, find_package
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def validate_mel_package(
     backend = resolve_backend(backend)
     # The first 30 s alone: one window, whose floor the processor and the package take over the same samples.
     samples = load_audio(audio or builtin_speech_clip())[:WINDOW_SAMPLES]
-    expected = log_mel_windows(samples, FLOAT64)[0]
+    expected = log_mel_windows(samples, torch.float64)[0]
     started = time.perf_counter()
     predict = load_predictor(backend, package)
     loaded = time.perf_counter()

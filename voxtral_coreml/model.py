@@ -17,7 +17,6 @@ from torch.nn import functional as F
 
 from .attention import make_attention_core
 from .dims import FRAMES_PER_EMBEDDING, POSITIONS_KEY, EncoderDims
-from .stable import FLOAT64
 
 LAYER_NORM_EPS = 1e-5
 
@@ -26,8 +25,8 @@ def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0
     """Whisper's fixed positions [length, channels]: the sin half, then the cos half. In float64 (stable.py): cast
     to fp16, bf16 or float32, they are the same on every machine (float32 math would round by instruction set)."""
     increment = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-increment * torch.arange(channels // 2, dtype=FLOAT64))
-    scaled_time = torch.arange(length, dtype=FLOAT64)[:, None] * inv_timescales[None, :]
+    inv_timescales = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float64))
+    scaled_time = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 

@@ -4,7 +4,7 @@ PyTorch's CPU kernels round differently from one machine to another: BLAS kernel
 instruction set (AVX-512, AVX2, NEON), sums split by thread count, oneDNN or not. In float32 that reaches the last
 bits of every result (and a metric's third decimal). The rules every DVC output follows:
 
-- compute in float64 (`FLOAT64`): machines then agree to about 1e-15 relative;
+- compute in float64: machines then agree to about 1e-15 relative;
 - store a tensor on a fixed grid, 2^-20 of its peak's power of two (`stored_float32`): a value changes only where
   two machines' float64 results straddle a grid boundary, about 1e-9 per value (1e-15 apart on a 1e-6 grid); plain
   float32 rounding would be finer for small values, and flip a hundred times as often;
@@ -18,11 +18,13 @@ bits of every result (and a metric's third decimal). The rules every DVC output 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-FLOAT64 = torch.float64
+if TYPE_CHECKING:  # torch is imported where a tensor is handled: the report stage reads JSON only
+    import torch
+
 # Two float64 computations of the same math agree far above this (about 290 dB measured on the demo encoders):
 # a comparison of them is reported up to here, and no further.
 FLOAT64_RESOLUTION_DB = 200.0
@@ -31,13 +33,17 @@ STORED_BITS = 20  # a stored tensor's grid: 2^-20 of its peak (float32 holds 24 
 
 def float64(t: torch.Tensor) -> torch.Tensor:
     """t in float64 (exact for any float32, fp16 or bf16 value)."""
-    return t.to(FLOAT64)
+    import torch
+
+    return t.to(torch.float64)
 
 
 def stored_float32(t: torch.Tensor) -> torch.Tensor:
     """A float64 result as a DVC output stores it: each value rounded to the nearest multiple of 2^-STORED_BITS of
     the tensor's peak's power of two (at least 125 dB PSNR), held exactly in float32. The grid moves only if the peak
     is within rounding noise of a power of two."""
+    import torch
+
     peak = t.detach().abs().max().item() if t.numel() else 0.0
     step = math.ldexp(1.0, math.frexp(peak)[1] - STORED_BITS)  # a power of two: t / step is exact
     return (torch.round(t / step) * step).to(torch.float32).contiguous()
@@ -45,7 +51,7 @@ def stored_float32(t: torch.Tensor) -> torch.Tensor:
 
 def as_float64_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
     """Any float tensor or array as a flat float64 numpy array (exact widening)."""
-    array = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    array = t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
     return np.ascontiguousarray(array, dtype=np.float64).reshape(-1)
 
 

@@ -8,7 +8,6 @@ import torch
 from coremltools.converters.mil.mil import types
 
 from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.stable import FLOAT64
 
 # Float values are stored as float32 (an fp16 value as the float32 number it equals: exact). Ops compute in float64
 # and each result is rounded to its declared dtype, fp16 or fp32: float64 kernels agree across CPUs to ~1e-15, so
@@ -53,7 +52,7 @@ def dtype_name(builtin: Any) -> str:
 def compute_form(value: Any) -> Any:
     """What a computing op reads: stored float32 values widened to float64 (exact); anything else as it is."""
     if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
-        return value.to(FLOAT64)
+        return value.to(torch.float64)
     return value
 
 

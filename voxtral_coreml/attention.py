@@ -54,7 +54,9 @@ class SplitHeadsChunkedQueries(SplitHeads):
             return q_part.split(head_dim, dim=1)
 
         def chunks_of(part: torch.Tensor | None) -> list[torch.Tensor | None]:  # queries, or the mask's query axis
-            return [None] * n_chunks if part is None else list(part.split(self.query_chunk, dim=3))
+            if part is None or n_chunks == 1:  # a split larger than the axis does not convert (coremltools 9)
+                return [part] * n_chunks
+            return list(part.split(self.query_chunk, dim=3))
 
         if n_chunks <= self.n_heads:  # Mini: 6 chunks < 20 heads, so 1 + 6 splits of q and 6 + 1 concats
             rows = []

@@ -96,14 +96,6 @@ def _later(a: str, b: str) -> str:
     return max(a, b, key=list(TARGETS).index)
 
 
-def _stateful_pipeline():
-    """The project's pipeline less the pass that fails on a state written twice from slices (coremltools 9.0:
-    KeyError in common::canonicalize_inplace_pattern)."""
-    pipeline = pass_pipeline()
-    pipeline.remove_passes(["common::canonicalize_inplace_pattern"])
-    return pipeline
-
-
 def _convert(module: nn.Module, example: tuple, inputs: list, outputs: list, target: str, states=None):
     import coremltools as ct
 
@@ -119,7 +111,7 @@ def _convert(module: nn.Module, example: tuple, inputs: list, outputs: list, tar
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, target),
-            pass_pipeline=_stateful_pipeline() if states else pass_pipeline(),
+            pass_pipeline=pass_pipeline(),
             skip_model_load=True,  # loading compiles the model, which only macOS can do
         )
 

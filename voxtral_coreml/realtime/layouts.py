@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VoxtralError
+from ..errors import VoxtralError, read_json
 from ..layouts.base import (
     REALTIME_MISTRAL_PREFIX,
     Layout,
     SourceTensor,
     config_int,
     config_section,
-    read_json,
     stored_tensor,
 )
 from ..layouts.hf import CONFIG, audio_headers

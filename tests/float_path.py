@@ -23,7 +23,7 @@ import torch
 import yaml
 
 MODEL = "demo-mini"
-PIPELINE = {"models": [MODEL], "recipes": ["fp16", "mixed"], "mel": ["fp32"]}
+PIPELINE = {"models": [MODEL], "recipes": ["fp16", "mixed"], "mel": ["fp32"], "streaming": {"models": []}}
 SETUP_STAGES = (
     ("stages.sensitivity", ["demo-mini", "mixed"]),
     ("stages.convert", ["demo-mini", "fp16"]),

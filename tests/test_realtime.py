@@ -324,7 +324,7 @@ def test_cli_converts_and_encodes_a_transformers_checkpoint(transformers_checkpo
     streamed = cli("encode", str(clip), "--package", str(tmp_path / "stream"), "--stream", "--tokens-per-step", "4",
                    "--out", str(tmp_path / "s.npy"))  # fmt: skip
     assert streamed.returncode == 0, streamed.stderr
-    assert "step 38:" in streamed.stdout and "one per step of 320 ms" in streamed.stdout
+    assert "step 38:" in streamed.stdout and "(38 steps of 320 ms)" in streamed.stdout
     for name in ("o.npy", "s.npy"):
         got = torch.from_numpy(np.load(tmp_path / name))
         assert got.shape == (150, 96) and psnr_db(expected, got) >= 50

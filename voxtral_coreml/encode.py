@@ -105,9 +105,10 @@ def save_embeddings(out: Path, embeddings: torch.Tensor) -> None:
 def summary(encoding: Encoding) -> str:
     e, n = encoding.embeddings, len(encoding.window_s)
     per_call = sum(encoding.window_s) / n
+    unit, _, extent = encoding.call.partition(" ")  # "window of 30 s": one package call covers that
+    calls = f"{n} {unit}{'s' if n > 1 else ''} {extent}"
     return (
-        f"audio_embeddings {list(e.shape)} float32 from {encoding.seconds:.1f} s of audio "
-        f"({n} call{'s' if n > 1 else ''}, one per {encoding.call}); "
+        f"audio_embeddings {list(e.shape)} float32 from {encoding.seconds:.1f} s of audio ({calls}); "
         f"mean {e.mean().item():.4g}, std {e.std().item():.4g}, min {e.min().item():.4g}, max {e.max().item():.4g}; "
-        f"{encoding.backend}: load {encoding.load_s:.2f} s, {per_call:.3f} s per call"
+        f"{encoding.backend}: load {encoding.load_s:.2f} s, {per_call:.2f} s per {unit}"
     )

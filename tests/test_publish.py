@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import sys
 from pathlib import Path
@@ -78,9 +80,9 @@ def test_the_repository_holds_each_package_with_its_manifest(
     files = set(tree_digests(assembled))
     assert CARD in files
     for folder, (model, recipe) in packages.items():
-        variant = folder.split("/")[0]
         assert f"{folder}/manifest.json" in files
-        assert f"{folder}/VoxtralEncoder{variant}.mlpackage/Manifest.json" in files
+        package = json.loads((assembled / folder / "manifest.json").read_text())["package"]  # per family
+        assert f"{folder}/{package}/Manifest.json" in files
         built = tree_digests(demo_repo / "artifacts" / "packages" / model / recipe)
         assert {k.removeprefix(f"{folder}/"): v for k, v in package_files(assembled, folder).items()} == built
     mel = package_files(assembled, "MelSpectrogram/fp32")  # the front-end, once for every model

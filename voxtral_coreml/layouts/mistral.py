@@ -58,9 +58,9 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(escaped)
 
 
-def _rename(name: str, side: int) -> str | None:
-    """Map `name` from one side of RENAMES (0: Mistral, 1: canonical) to the other; None if nothing matches."""
-    for pair in RENAMES:
+def _rename(name: str, side: int, renames: tuple[tuple[str, str], ...] = RENAMES) -> str | None:
+    """Map `name` from one side of `renames` (0: Mistral, 1: canonical) to the other; None if nothing matches."""
+    for pair in renames:
         if match := _pattern(pair[side]).fullmatch(name):
             return pair[1 - side].format(**match.groupdict())
     return None

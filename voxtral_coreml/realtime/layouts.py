@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import re
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from ..layouts.base import (
 )
 from ..layouts.hf import CONFIG, audio_headers
 from ..layouts.mistral import PARAMS, WEIGHT_FILES
+from ..layouts.mistral import _rename as rename_by_table
 from ..safetensors_io import read_header
 from .dims import SLIDING_WINDOW, RealtimeDims
 
@@ -51,22 +50,10 @@ RENAMES = (
     ("audio_language_projection.0.{p}", "multi_modal_projector.linear_1.{p}"),
     ("audio_language_projection.2.{p}", "multi_modal_projector.linear_2.{p}"),
 )
-_FIELDS = {"n": r"(?P<n>\d+)", "p": r"(?P<p>weight|bias)"}
-
-
-@cache
-def _pattern(template: str) -> re.Pattern[str]:
-    escaped = re.escape(template)
-    for field, group in _FIELDS.items():
-        escaped = escaped.replace(re.escape(f"{{{field}}}"), group)
-    return re.compile(escaped)
 
 
 def _rename(name: str, side: int) -> str | None:
-    for pair in RENAMES:
-        if match := _pattern(pair[side]).fullmatch(name):
-            return pair[1 - side].format(**match.groupdict())
-    return None
+    return rename_by_table(name, side, RENAMES)
 
 
 def mistral_name(canonical: str) -> str | None:

@@ -7,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test params lint publish bench clean-artifacts
+.PHONY: install demo test params lint publish bench bench-realtime clean-artifacts
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "== installing pinned dependencies into $(VENV)"
@@ -46,3 +46,7 @@ clean-artifacts:
 # Full-dimension benchmarks (about 15 minutes): artifacts/bench/summary.json and summary.md.
 bench: $(STAMP)
 	$(RUN) $(BIN)/python -m benchmarks.run
+
+# Only Voxtral Realtime's figures, against synthetic-mini's fp16 conversion in the same run (about 25 minutes).
+bench-realtime: $(STAMP)
+	$(RUN) $(BIN)/python -m benchmarks.run realtime

@@ -94,11 +94,11 @@ def gb(path: Path) -> float:
     return round(tree_size(WORKSPACE / path) / GB, 3)
 
 
-def model_benchmarks(model: str) -> dict[str, dict]:
+def model_benchmarks(model: str, recipes: tuple[str, ...] | None = None) -> dict[str, dict]:
     rows = {stage_name: stage(stage_name, model).row() for stage_name in STAGES}
     rows["download"]["checkpoint_gb"] = gb(checkpoint_dir(model))
     rows["extract"]["extracted_gb"] = gb(extracted_dir(model))
-    for recipe in RECIPES[model]:
+    for recipe in recipes or RECIPES[model]:
         rows[f"convert_{recipe}"] = stage("convert", model, recipe).row()
         rows[f"convert_{recipe}"]["package_gb"] = gb(package_dir(model, recipe))
         rows[f"validate_{recipe}"] = task(f"validate/{model}-{recipe}", "validate", model, "--recipe", recipe).row()
@@ -181,9 +181,21 @@ def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attenti
     return summary
 
 
+def package_facts(model: str, recipe: str) -> dict:
+    """MIL ops and GFLOPs per window, from the package's manifest."""
+    from voxtral_coreml.validate import find_package
+
+    _, manifest = find_package(WORKSPACE / package_dir(model, recipe))
+    return {"ops_total": manifest["ane"]["ops_total"], "gflops_per_window": manifest["ane"]["gflops_per_window"]}
+
+
 def realtime_summary(per_model: dict[str, dict], streaming: dict[str, dict]) -> dict:
     realtime, mini = per_model["synthetic-realtime"], per_model["synthetic-mini"]
     summary = {
+        "convert_fp16_s": realtime["convert_fp16"]["wall_s"],
+        "convert_fp16_peak_rss_gb": realtime["convert_fp16"]["peak_rss_gb"],
+        **package_facts("synthetic-realtime", "fp16"),
+        "package_gb": realtime["convert_fp16"]["package_gb"],
         "convert_fp16_vs_mini_time": round(realtime["convert_fp16"]["wall_s"] / mini["convert_fp16"]["wall_s"], 3),
         "convert_fp16_vs_mini_rss": round(
             realtime["convert_fp16"]["peak_rss_gb"] / mini["convert_fp16"]["peak_rss_gb"], 3
@@ -215,9 +227,29 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def realtime_only() -> None:
+    """`make bench-realtime`: Realtime's figures against synthetic-mini's fp16 conversion in the same run, without
+    the rest of `make bench` (its k-means recipes and baselines take hours on a loaded 2-core machine)."""
+    per_model = {model: model_benchmarks(model, ("fp16",)) for model in ("synthetic-mini", "synthetic-realtime")}
+    summary = realtime_summary(per_model, realtime_benchmarks())
+    summary["models"] = per_model
+    write_json_atomic(BENCH / "realtime.json", summary)
+    lines = ["# Voxtral Realtime at full size (this machine)", "", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict)]
+    lines += ["", "| streaming step | wall (s) | peak RSS (GB) | reported |", "| --- | --- | --- | --- |"]
+    for name, row in summary["streaming"].items():
+        extra = {k: v for k, v in row.items() if k not in ("wall_s", "peak_rss_gb")}
+        lines.append(f"| {name} | {row['wall_s']} | {row['peak_rss_gb']} | {extra} |")
+    write_text_atomic(BENCH / "realtime.md", "\n".join(lines) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
 def main() -> None:
     remove_path(BENCH / "work")  # outputs of the tasks below, from an earlier run
     prepare_workspace()
+    if sys.argv[1:] == ["realtime"]:
+        realtime_only()
+        return
     per_model = {model: model_benchmarks(model) for model in MODELS}
     mini = "synthetic-mini"
     extra = {

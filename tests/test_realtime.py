@@ -18,7 +18,7 @@ from voxtral_coreml.extract import extract_audio_tower, load_extracted
 from voxtral_coreml.families import family_module
 from voxtral_coreml.metrics import compare_embeddings, psnr_db
 from voxtral_coreml.milrun import load_package
-from voxtral_coreml.realtime.dims import RealtimeDims
+from voxtral_coreml.realtime.dims import STREAM_CHECK_FRAMES, RealtimeDims
 from voxtral_coreml.realtime.family import speech_window
 from voxtral_coreml.realtime.features import realtime_log_mel
 from voxtral_coreml.realtime.model import build_offline_encoder, build_step_encoder, initial_state
@@ -31,10 +31,6 @@ from voxtral_coreml.validate import find_package, validate_package
 DIMS = RealtimeDims(d_model=64, n_layers=2, n_heads=4, head_dim=32, ffn_dim=256, hidden_size=96, rope_theta=1e6)
 SOURCE = {"kind": "synthetic", "family": "realtime", "seed": 5, "dims": {
     "d_model": 64, "n_layers": 2, "n_heads": 4, "head_dim": 32, "hidden_size": 96, "rope_theta": 1e6}}  # fmt: skip
-SECONDS_70 = 7040  # mel frames (70.4 s): 880 tokens, past the 750-position window (the ring buffer wraps)
-SECONDS_20 = 2000  # mel frames: 1000 positions, past the window too; k = 1 streams this (a step per 80 ms is slow
-# to reference: transformers' streaming takes one call per token as well)
-FRAMES_FOR_K = {1: SECONDS_20, 4: SECONDS_70}
 
 
 def step_through(step, mel: torch.Tensor, k: int, start_token: int = 0) -> torch.Tensor:
@@ -65,11 +61,8 @@ def weights() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def mel_70s() -> torch.Tensor:
-    return realtime_log_mel(speech(SECONDS_70 / 100))[None]
-
-
-def mel_for(k: int, mel_70s: torch.Tensor) -> torch.Tensor:
-    return mel_70s[..., : FRAMES_FOR_K[k]]
+    """70.4 s of speech, as the pipeline's streaming check: 880 tokens, 3520 positions (the ring buffer wraps)."""
+    return realtime_log_mel(speech(STREAM_CHECK_FRAMES / 100))[None]
 
 
 @pytest.mark.parametrize("attention", ["fused_heads", "split_heads", "split_heads_chunked"])
@@ -83,7 +76,7 @@ def test_offline_module_matches_transformers(weights, attention: str) -> None:
 
 @pytest.mark.parametrize("k", [1, 4])
 def test_step_module_matches_transformers_streaming_past_the_window(weights, mel_70s, k: int) -> None:
-    reference, mel = RealtimeReference(weights, DIMS), mel_for(k, mel_70s)
+    reference, mel = RealtimeReference(weights, DIMS), mel_70s
     expected = reference.streaming_embeddings(mel, k)
     assert expected.shape[0] * 4 > DIMS.cache_slots  # the ring buffer wraps
     assert psnr_db(reference.audio_embeddings(mel), expected) >= 100  # transformers agrees with itself
@@ -246,9 +239,8 @@ def test_streaming_packages_match_transformers_streaming(rt_extracted, rt_packag
     weights, dims, _ = load_extracted(rt_extracted)
     package, manifest = find_package(rt_packages[name])
     info = manifest["streaming"]
-    mel = mel_for(info["tokens_per_step"], mel_70s)
-    expected = RealtimeReference(weights, dims).streaming_embeddings(mel, info["tokens_per_step"])
-    streamed = stream_mel(load_package(package), info, mel, str(package)).embeddings
+    expected = RealtimeReference(weights, dims).streaming_embeddings(mel_70s, info["tokens_per_step"])
+    streamed = stream_mel(load_package(package), info, mel_70s, str(package)).embeddings
     assert compare_embeddings(expected, streamed)["psnr_db"] >= 50
     offline_package, _ = find_package(rt_packages["offline"])
     window = load_package(offline_package).predict({"mel_spectrogram": mel_70s[..., :3000].numpy()})
@@ -257,12 +249,11 @@ def test_streaming_packages_match_transformers_streaming(rt_extracted, rt_packag
     assert psnr_db(offline[:n], streamed[:n]) >= 50  # the streamed first 30 s are the offline window's
 
 
-def test_int8_streaming_package(rt_extracted, rt_packages) -> None:
+def test_int8_streaming_package(rt_extracted, rt_packages, mel_70s) -> None:
     weights, dims, _ = load_extracted(rt_extracted)
     package, manifest = find_package(rt_packages["explicit-4-int8"])
-    mel = speech_window(1216)
-    expected = RealtimeReference(weights, dims).streaming_embeddings(mel, 4)
-    streamed = stream_mel(load_package(package), manifest["streaming"], mel, str(package)).embeddings
+    expected = RealtimeReference(weights, dims).streaming_embeddings(mel_70s, 4)
+    streamed = stream_mel(load_package(package), manifest["streaming"], mel_70s, str(package)).embeddings
     assert psnr_db(expected, streamed) >= 40
 
 

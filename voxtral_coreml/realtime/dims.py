@@ -15,6 +15,7 @@ FAMILY = "realtime"
 MEL_FRAMES_PER_TOKEN = 2 * FRAMES_PER_EMBEDDING  # conv2's stride 2, then 4 frames per embedding: 8 (80 ms)
 SLIDING_WINDOW = 750  # transformers' VoxtralRealtimeEncoderConfig default: 15 s of encoder positions
 STATE_ALIGN = 32  # Core ML states want dimensions that are multiples of 32
+STREAM_CHECK_FRAMES = 7040  # validation streams 70.4 s: 880 tokens, 3520 positions, the 750-slot ring wraps 4 times
 MAX_STATE_BYTES = 1 << 30  # fp16 caches beyond 1 GiB: no iPhone keeps a model that large on the Neural Engine
 CONV1_CONTEXT = CONV_KERNEL - 1  # causal left context of conv1 (stride 1), in mel frames
 CONV2_CONTEXT = CONV_KERNEL - 2  # causal left context of conv2 (stride 2), in conv1 frames

@@ -26,14 +26,12 @@ def detect(root: Path) -> bool:
 
 
 def speech_window(frames: int, audio: str | os.PathLike[str] | None = None) -> torch.Tensor:
-    """[1, 128, frames] Realtime features of a clip (the built-in speech when None), zero-padded or cut."""
+    """[1, 128, frames] Realtime features of a clip (the built-in speech when None), repeated or cut to length."""
     from ..features import HOP_LENGTH, builtin_speech_clip, load_audio
     from .features import realtime_log_mel
 
-    samples = load_audio(audio or builtin_speech_clip())[: frames * HOP_LENGTH]
-    padded = np.zeros(frames * HOP_LENGTH, dtype=np.float32)
-    padded[: len(samples)] = samples
-    return realtime_log_mel(padded)[None].contiguous()
+    samples, n = load_audio(audio or builtin_speech_clip()), frames * HOP_LENGTH
+    return realtime_log_mel(np.tile(samples, -(-n // len(samples)))[:n])[None].contiguous()
 
 
 def write_synthetic(out_dir: Path, source: dict, where: str) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from ..convert import OUTPUT_NAME
 from ..errors import VoxtralError
+from .dims import STREAM_CHECK_FRAMES
 from .export import CHUNK_NAME, NEXT_PREFIX, POSITION_NAME, STATE_NAMES
 from .rope import MAX_TOKENS
 
@@ -119,7 +120,7 @@ def validate_streaming(package_dir, extracted_dir, gate_db: float, backend: str,
     weights, dims, _ = load_extracted(extracted_dir)
     weights = {name: float64(w) for name, w in weights.items()}  # the same numbers on any machine (stable.py)
     step = info["mel_frames_per_step"]
-    mel = speech_window(dims.mel_frames * 9 // 10 // step * step, audio)  # 27 s: past the window, the ring wraps
+    mel = speech_window(STREAM_CHECK_FRAMES // step * step, audio)
     expected = RealtimeReference(weights, dims).streaming_embeddings(float64(mel), info["tokens_per_step"]).float()
     stream = stream_mel(load_streaming_model(backend, package), info, mel, str(package))
     metrics: dict[str, object] = {

@@ -13,6 +13,7 @@ import yaml
 from .errors import VoxtralError
 from .runner import run
 
+BACKEND_HELP = "auto (.mlpackage: Core ML on macOS, else mil; .aimodel: coreai) | mil | coreml | coreai"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -33,18 +34,21 @@ def _extract_to(checkpoint: Path, layout: str, workdir: Path) -> Path:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .convert import convert_package, infer_variant, package_name
+    from .convert import infer_variant
     from .dims import EncoderDims, read_encoder_json
+    from .formats import export_format
     from .recipes import Recipe
 
+    fmt = export_format(args.format)
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
+    fmt.check_recipe(recipe)  # before any work
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix=".voxtral-", dir=out.parent if out.parent.exists() else None) as tmp:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp))
         dims = EncoderDims.from_json(read_encoder_json(extracted)["dims"], str(extracted))
         variant = args.variant or infer_variant(dims)
-        package = out if out.suffix == ".mlpackage" else out / package_name(variant)
-        manifest = convert_package(
+        package = out if out.suffix == fmt.suffix else out / fmt.file_name(variant)
+        manifest = fmt.convert(
             extracted,
             package,
             recipe,
@@ -79,13 +83,42 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .package_info import ane_report, package_structure
+    from .formats import format_of
     from .validate import find_package
 
     package, manifest = find_package(Path(args.package))
+    INSPECTORS[format_of(package.name).name](package, manifest, args.json)
+
+
+def inspect_asset(package: Path, manifest: dict, as_json: bool) -> None:
+    """A Core AI asset: functions, I/O, size, compression, minimum OS, storage types and op counts."""
+    from .coreai_backend import asset_structure
+
+    structure = asset_structure(package)
+    if as_json:
+        print(json.dumps({"package": str(package), "manifest": manifest, "structure": structure}, indent=2))
+        return
+    print(f"{package}")
+    print(f"  functions: {', '.join(structure['functions'])} ({structure['description'] or 'no description'})")
+    for io in structure["inputs"] + structure["outputs"]:
+        print(f"  {io['name']}: {io['dtype']} {io['shape']}")
+    print(f"  minimum OS: iOS / macOS {structure['minimum_os']}  producer: {structure['producer']}")
+    compression = {k: v for k, v in manifest.get("compression", {}).items() if v is not None}
+    recipe = manifest["recipe"]["name"] if "recipe" in manifest else "none"
+    print(f"  recipe: {recipe} ({', '.join(f'{k} {v}' for k, v in compression.items())})")
+    print(f"  size: {manifest['size_bytes'] / 1e6:.1f} MB")
+    print(f"  weights by storage type: {', '.join(f'{t} {n}' for t, n in structure['storage_types'].items())}")
+    ops = structure["ops"]
+    print(f"  ops: {sum(ops.values())} ({', '.join(f'{op} {n}' for op, n in ops.items())})")
+
+
+def inspect_package(package: Path, manifest: dict, as_json: bool) -> None:
+    """A Core ML package: I/O, target, size, and what decides how well it suits the Neural Engine."""
+    from .package_info import ane_report, package_structure
+
     structure = package_structure(package)
     info = {"package": str(package), "manifest": manifest, "structure": structure, "ane": ane_report(package)}
-    if args.json:
+    if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
     ane = info["ane"]
@@ -102,6 +135,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  layout ops outside attention: {sum(outside.values())} {outside or ''}".rstrip())
     print(f"  ops computing in fp32: {sum(ane['fp32_ops'].values())} {ane['fp32_ops'] or ''}".rstrip())
     print(f"  ops with rank > 4 tensors: {ane['ops_with_rank_over_4']}")
+
+
+INSPECTORS = {"coreml": inspect_package, "coreai": inspect_asset}  # format -> its description
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -131,20 +167,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="checkpoint directory -> .mlpackage + manifest.json")
+    c = sub.add_parser("convert", help="checkpoint directory -> .mlpackage or .aimodel + manifest.json")
     c.add_argument("--checkpoint", required=True, help="a Voxtral checkpoint directory")
     c.add_argument("--recipe", default="fp16", help="a recipe name from conf/recipe/")
-    c.add_argument("--out", required=True, help="the .mlpackage to write (or a folder for it)")
+    c.add_argument("--format", default="coreml", help="coreml (.mlpackage, default) | coreai (.aimodel, OS 27)")
+    c.add_argument("--out", required=True, help="the .mlpackage / .aimodel to write (or a folder for it)")
     c.add_argument("--variant", choices=["Mini", "Small"], help="default: from the projector's width")
     c.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
     c.add_argument("--attention", default="split_heads", help="attention core (see conf/config.yaml)")
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("validate", help="compare a package's embeddings with transformers")
-    v.add_argument("package", help="the .mlpackage (manifest.json beside it)")
+    v.add_argument("package", help="the .mlpackage or .aimodel (manifest.json beside it)")
     v.add_argument("--checkpoint", required=True, help="the checkpoint it was converted from")
     v.add_argument("--audio", help="wav/flac to validate on (default: built-in speech)")
-    v.add_argument("--backend", default="auto", help="auto (Core ML on macOS, else mil) | mil | coreml")
+    v.add_argument("--backend", default="auto", help=BACKEND_HELP)
     v.add_argument("--gate", type=float, help="PSNR gate in dB (default: the recipe's)")
     v.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -157,9 +194,9 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("encode", help="audio of any length -> audio embeddings [N*375, H], one call per 30 s window")
     e.add_argument("audio", help="an audio file (wav, flac, ...): averaged to mono, resampled to 16 kHz")
-    e.add_argument("--package", required=True, help="an encoder .mlpackage (manifest.json beside it)")
+    e.add_argument("--package", required=True, help="an encoder .mlpackage or .aimodel (manifest.json beside it)")
     e.add_argument("--out", help="write the embeddings to FILE.npy or FILE.safetensors (default: print a summary)")
-    e.add_argument("--backend", default="auto", help="auto (Core ML on macOS, else mil) | mil | coreml")
+    e.add_argument("--backend", default="auto", help=BACKEND_HELP)
     e.set_defaults(func=cmd_encode)
 
     h = sub.add_parser("publish", help="upload the pipeline's packages to a Hugging Face model repo")

@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_path
-from .backends import load_predictor, resolve_backend
 from .convert import INPUT_NAME, OUTPUT_NAME
 from .errors import VoxtralError
 from .features import SAMPLE_RATE, load_audio, log_mel_windows
+from .formats import format_of
 from .safetensors_io import TensorSpec, write_safetensors
 from .validate import find_package
 
@@ -34,6 +34,7 @@ class Encoding:
     embeddings: torch.Tensor  # [N * 375, H] float32, window after window
     seconds: float  # the audio's duration
     backend: str
+    runtime: str  # what the backend stands for: which runtime ran the package
     load_s: float
     window_s: tuple[float, ...]  # one package call per window
 
@@ -58,19 +59,21 @@ def encode_audio(
 ) -> Encoding:
     """Load the audio, cut its log-mel into 30 s windows and run each through the package."""
     package = encoder_package(Path(package))
-    backend = resolve_backend(backend, "--backend")
+    fmt = format_of(package.name)
+    backend = fmt.resolve_backend(backend, "--backend")
     samples = load_audio(audio)
     windows = log_mel_windows(samples)
     started = time.perf_counter()
-    predict = load_predictor(backend, package)
-    load_s = time.perf_counter() - started
-    chunks, window_s = [], []
-    for window in tqdm(windows, desc=Path(audio).name, unit="window", disable=not progress):
-        started = time.perf_counter()
-        output = predict({INPUT_NAME: window[None].numpy()})[OUTPUT_NAME]
-        window_s.append(time.perf_counter() - started)
-        chunks.append(torch.from_numpy(np.asarray(output, dtype=np.float32)).reshape(-1, output.shape[-1]))
-    return Encoding(torch.cat(chunks), len(samples) / SAMPLE_RATE, backend, load_s, tuple(window_s))
+    with fmt.predictor(backend, package) as predict:
+        load_s = time.perf_counter() - started
+        chunks, window_s = [], []
+        for window in tqdm(windows, desc=Path(audio).name, unit="window", disable=not progress):
+            started = time.perf_counter()
+            output = predict({INPUT_NAME: window[None].numpy()})[OUTPUT_NAME]
+            window_s.append(time.perf_counter() - started)
+            chunks.append(torch.from_numpy(np.asarray(output, dtype=np.float32)).reshape(-1, output.shape[-1]))
+    seconds = len(samples) / SAMPLE_RATE
+    return Encoding(torch.cat(chunks), seconds, backend, fmt.runtime(backend), load_s, tuple(window_s))
 
 
 def save_embeddings(out: Path, embeddings: torch.Tensor) -> None:
@@ -93,5 +96,5 @@ def summary(encoding: Encoding) -> str:
         f"audio_embeddings {list(e.shape)} float32 from {encoding.seconds:.1f} s of audio "
         f"({n} window{'s' if n > 1 else ''} of 30 s); "
         f"mean {e.mean().item():.4g}, std {e.std().item():.4g}, min {e.min().item():.4g}, max {e.max().item():.4g}; "
-        f"{encoding.backend}: load {encoding.load_s:.2f} s, {per_window:.2f} s per window"
+        f"{encoding.backend} ({encoding.runtime}): load {encoding.load_s:.2f} s, {per_window:.2f} s per window"
     )

@@ -178,3 +178,17 @@ def export_format(name: str, setting: str = "--format") -> ExportFormat:
 def format_of(package_name: str) -> ExportFormat | None:
     """The format a package's name says (by its suffix), or None."""
     return next((f for f in FORMATS.values() if package_name.endswith(f.suffix)), None)
+
+
+def check_pipeline(params: dict[str, Any]) -> None:
+    """Each recipe the pipeline builds in another format (`pipeline.<format>`) has an equivalent there: refused
+    when the configuration is composed, not when its stage runs."""
+    from .recipes import Recipe
+
+    pipeline = params.get("pipeline") or {}
+    for fmt in FORMATS.values():
+        for name in pipeline.get(fmt.name) or []:
+            config = (params.get("recipes") or {}).get(name)
+            if not isinstance(config, dict):
+                raise VoxtralError(f"pipeline.{fmt.name}: unknown recipe {name!r}")
+            fmt.check_recipe(Recipe.from_config(name, config))

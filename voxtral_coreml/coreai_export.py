@@ -10,12 +10,14 @@ an equivalent is refused before any work (`check_recipe`).
 
 Reproducible bytes: coreai-torch names each weight blob `resource_<hash>`, a hash that differs in every process, and
 `save_asset` stamps a creation date into metadata.json. `canonical_resource_names` renames the blobs `w0, w1, ...` in
-program order, and the date is removed, so the same module and recipe give the same asset folder.
+program order, the date is removed and metadata.json's keys are sorted, so the same module and recipe give the same
+asset folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -175,6 +177,8 @@ def save_canonical_asset(program: AIProgram, path: Path, description: str) -> No
         metadata.model_description = description
 
     asset.update_metadata(describe)
+    metadata = path / "metadata.json"  # coreai-core writes its keys in a different order in each process
+    metadata.write_text(json.dumps(json.loads(metadata.read_text()), indent=2, sort_keys=True) + "\n")
 
 
 def export_asset(

@@ -151,7 +151,7 @@ def _package_table(entries: list[Entry]) -> list[str]:
     for e in entries:
         target, m = e.manifest["deployment_target"], e.metrics
         key = format_of(e.manifest["package"]).target_key
-        os_versions = f"iOS {target['ios']} / macOS {target['macos']} ({key} {target[key]})"
+        os_versions = f"iOS {target['ios']} / macOS {target['macos']} ({target[key]})"
         shape = shape_text(e.manifest["outputs"][0]["shape"])
         cells = [f"`{e.repo_folder}/`", e.model, shape, f"{e.manifest['size_bytes'] / 1e6:.1f}", os_versions]
         lines.append(table_row([*cells, m["psnr_db"], m["cosine_min"], m["max_abs_err"], m["backend"]]))

@@ -105,7 +105,8 @@ def test_an_asset_is_byte_identical_across_processes_and_describes_itself(checkp
     assert "  mel_spectrogram: float32 [1, 128, 3000]" in lines and "  audio_embeddings: float32 [1, 375, 96]" in lines
     assert "  minimum OS: iOS / macOS 27.0  producer: coreai-core 1.0.0b3" in lines
     assert any(line.startswith("  recipe: pal4g (") and "n_bits 4" in line for line in lines)
-    assert re.search(r"ops: \d+ \(.*constexpr|ops: \d+ \(.*lut", result.stdout) or "UInt4" in result.stdout
+    assert re.search(r"  weights by storage type: UInt4 \d+, Float16 \d+", result.stdout)  # 4-bit indices
+    assert re.search(r"  ops: \d+ \(.*lut_to_dense 16", result.stdout)  # one LUT lookup per conv weight
 
 
 class RunningSum(nn.Module):

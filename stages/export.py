@@ -26,6 +26,7 @@ def main() -> None:
             variant=variant,
             attention=build["attention"],
             query_chunk=build["query_chunk"],
+            **{option: lookup(params, f"build.{fmt.name}.{option}") for option in fmt.options},
         )
 
 

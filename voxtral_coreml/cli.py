@@ -55,6 +55,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             model_name=Path(args.checkpoint).name,
             variant=variant,
             attention=args.attention,
+            **{option: getattr(args, option) for option in fmt.options},
         )
     print(f"{package}: {manifest['outputs'][0]['shape']} ({manifest['size_bytes'] / 1e6:.1f} MB)")
 
@@ -175,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", choices=["Mini", "Small"], help="default: from the projector's width")
     c.add_argument("--layout", default="auto", help="checkpoint layout (default: detected)")
     c.add_argument("--attention", default="split_heads", help="attention core (see conf/config.yaml)")
+    c.add_argument("--attention-precision", default="fp32", help="coreai: the attention cores' precision, fp32 | fp16")
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("validate", help="compare a package's embeddings with transformers")

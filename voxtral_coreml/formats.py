@@ -41,6 +41,7 @@ class ExportFormat:
     runtime: Callable[[str], str]  # backend -> the runtime it stands for, as `encode` reports it
     run: Callable[[str, Path, torch.Tensor], tuple[torch.Tensor, dict]]  # one window -> embeddings, timings
     check_recipe: Callable[[Recipe], None]  # refuses a recipe the format has no equivalent of, before any work
+    options: tuple[str, ...] = ()  # its own conversion options: `convert` keywords, conf's build.<format>.<option>
 
 
 def _coreml_convert(*args: Any, **kwargs: Any) -> dict:
@@ -162,7 +163,7 @@ FORMATS: dict[str, ExportFormat] = {
     "coreai": ExportFormat(
         "coreai", ".aimodel", "coreai", ("v27",), _coreai_convert, _coreai_name,
         _coreai_backend, _coreai_predictor, _coreai_structure, _coreai_check_target, _coreai_runtime, _coreai_run,
-        _coreai_check_recipe,
+        _coreai_check_recipe, ("attention_precision",),
     ),
 }  # fmt: skip
 DEFAULT_FORMAT = "coreml"

@@ -32,7 +32,7 @@ STAGES = ("download", "extract", "build")
 # mixed is left out: its sensitivity scan at full size takes about 1.5 hours on 2 cores (README, Compression).
 RECIPES = {"synthetic-mini": ("fp16", "int8", "pal6", "pal4g"), "synthetic-small": ("fp16",)}
 # Core AI assets: export time, peak RSS and size beside Core ML's. Not validated here: coreai-core's Linux CPU runtime
-# runs fp16 matrix products about 100x slower than fp32 (a demo window takes about 40 s; a full one would take hours).
+# is a reference executor, slow on fp16 (a demo window takes seconds with fp32 attention; a full one was not measured).
 COREAI_RECIPES = {"synthetic-mini": ("fp16", "int8", "pal4g"), "synthetic-small": ("fp16",)}
 GB = 1024**3
 

@@ -26,7 +26,7 @@ def main() -> None:
             variant=variant,
             attention=build["attention"],
             query_chunk=build["query_chunk"],
-            **{option: lookup(params, f"build.{fmt.name}.{option}") for option in fmt.options},
+            **{option: lookup(params, f"{fmt.name}.{option}") for option in fmt.options},
         )
 
 

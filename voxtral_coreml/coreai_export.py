@@ -80,7 +80,7 @@ def with_attention_precision(model: nn.Module, precision: str) -> nn.Module:
     """The encoder with its attention cores computing in `precision` (fp16: as the Core ML packages do)."""
     if precision not in ATTENTION_PRECISIONS:
         choices = ", ".join(ATTENTION_PRECISIONS)
-        raise VoxtralError(f"build.coreai.attention_precision: {precision!r} is not one of {choices}")
+        raise VoxtralError(f"coreai.attention_precision: {precision!r} is not one of {choices}")
     if precision == "fp32":
         for layer in model.layers:
             layer.self_attn.core = Fp32Attention(layer.self_attn.core)

@@ -41,7 +41,7 @@ class ExportFormat:
     runtime: Callable[[str], str]  # backend -> the runtime it stands for, as `encode` reports it
     run: Callable[[str, Path, torch.Tensor], tuple[torch.Tensor, dict]]  # one window -> embeddings, timings
     check_recipe: Callable[[Recipe], None]  # refuses a recipe the format has no equivalent of, before any work
-    options: tuple[str, ...] = ()  # its own conversion options: `convert` keywords, conf's build.<format>.<option>
+    options: tuple[str, ...] = ()  # its own conversion options: `convert` keywords, conf's <format>.<option>
 
 
 def _coreml_convert(*args: Any, **kwargs: Any) -> dict:

@@ -171,3 +171,11 @@ def test_core_ai_and_core_ml_agree_with_each_other_and_with_transformers(
     }
     print(f"{name}: {pairs} (gate {gate} dB)")
     assert all(m["psnr_db"] >= gate for m in pairs.values()), pairs
+
+
+def test_an_asset_runs_only_on_apples_runtime(demo_repo: Path) -> None:
+    from voxtral_coreml.validate import load_reference, validate_package
+
+    reference = load_reference(demo_repo / "artifacts" / "reference" / "demo-mini" / "reference.safetensors")
+    with pytest.raises(VoxtralError, match=r"a Core AI asset runs on the coreai backend \(or auto\), not 'mil'"):
+        validate_package(demo_repo / "artifacts" / "coreai" / "demo-mini" / "fp16", reference, 50.0, backend="mil")

@@ -76,11 +76,14 @@ class Fp32Attention(nn.Module):
         return self.core(q.float(), k.float(), v.float()).to(q.dtype)
 
 
-def with_attention_precision(model: nn.Module, precision: str) -> nn.Module:
-    """The encoder with its attention cores computing in `precision` (fp16: as the Core ML packages do)."""
+def check_attention_precision(precision: str) -> None:
     if precision not in ATTENTION_PRECISIONS:
         choices = ", ".join(ATTENTION_PRECISIONS)
         raise VoxtralError(f"coreai.attention_precision: {precision!r} is not one of {choices}")
+
+
+def with_attention_precision(model: nn.Module, precision: str) -> nn.Module:
+    """The encoder with its attention cores computing in `precision` (fp16: as the Core ML packages do)."""
     if precision == "fp32":
         for layer in model.layers:
             layer.self_attn.core = Fp32Attention(layer.self_attn.core)
@@ -248,16 +251,15 @@ def convert_asset(
     variant: str | None = None,
     attention: str = "split_heads",
     query_chunk: int = 256,
-    sensitivity: dict | None = None,
     attention_precision: str = "fp32",
 ) -> dict:
     """The Voxtral encoder as a Core AI asset at `asset`, `manifest.json` beside it (the Core ML packages' I/O
     contract: `mel_spectrogram` [1,128,3000] fp32 -> `audio_embeddings` [1,375,H] fp32); the attention cores compute
     in `attention_precision`, everything else in fp16."""
-    del sensitivity  # no Core AI recipe uses a scan (check_recipe refuses `mixed`)
     started = time.monotonic()
     asset = Path(asset)
     compression = compression_settings(recipe)
+    check_attention_precision(attention_precision)
     weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)  # fp16 weights and compute
     variant = variant or infer_variant(dims)
     model = with_attention_precision(build_ane_encoder(weights, dims, attention, query_chunk), attention_precision)

@@ -11,7 +11,7 @@ from voxtral_coreml.runner import run, stage_args
 def main() -> None:
     args = stage_args(__doc__, "format", "model", "recipe")
     params = load_params()
-    fmt = export_format(args.format, f"pipeline.{args.format}")
+    fmt = export_format(args.format, "the format")
     recipe = Recipe.from_config(args.recipe, lookup(params, f"recipes.{args.recipe}"))
     fmt.check_recipe(recipe)
     variant = lookup(params, f"models.{args.model}.variant")

@@ -27,7 +27,7 @@ from voxtral_coreml.params import compose_params
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.reference import TransformersReference, processor_features
 
-DEMO_COREAI_RECIPES = ["fp16", "int8", "pal4g"]  # conf/config.yaml's pipeline.coreai (a test keeps them equal)
+DEMO_COREAI_RECIPES = ["fp16", "int8", "pal4g"]  # conf/config.yaml's pipeline.coreai.recipes (a test checks)
 
 
 def recipe(name: str) -> Recipe:
@@ -55,15 +55,18 @@ def test_recipes_map_onto_coreai_opt(name: str, expected: dict) -> None:
 
 def test_a_recipe_without_a_core_ai_equivalent_is_refused_when_composed(tmp_path: Path) -> None:
     with pytest.raises(VoxtralError, match="recipe 'mixed': kind mixed has no Core AI equivalent") as err:
-        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai=[fp16,mixed]"])
+        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.recipes=[fp16,mixed]"])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "params.yaml").exists()
-    with pytest.raises(VoxtralError, match=r"pipeline.coreai: unknown recipe 'int3'"):
-        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai=[int3]"])
+    with pytest.raises(VoxtralError, match=r"pipeline.coreai.recipes: unknown recipe 'int3'"):
+        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.recipes=[int3]"])
+    with pytest.raises(VoxtralError, match=r"pipeline.coreai.models: unknown model 'nano'"):
+        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.models=[nano]"])
 
 
 def test_the_demo_builds_the_core_ai_recipes_these_tests_check() -> None:
-    assert yaml.safe_load((REPO / "params.yaml").read_text())["pipeline"]["coreai"] == DEMO_COREAI_RECIPES
+    coreai = yaml.safe_load((REPO / "params.yaml").read_text())["pipeline"]["coreai"]
+    assert coreai == {"models": ["demo-mini", "demo-small"], "recipes": DEMO_COREAI_RECIPES}
 
 
 def test_convert_refuses_mixed_before_any_work(checkpoint: Path, tmp_path: Path) -> None:

@@ -55,7 +55,9 @@ def test_dvc_metrics_show_lists_every_package(demo_repo: Path) -> None:
 def test_demo_builds_core_ai_assets_validated_by_apples_runtime(demo_repo: Path) -> None:
     shown = json.loads(run([DVC, "metrics", "show", "--json"], demo_repo).stdout)
     files = next(iter(shown.values()))["data"]
-    recipes = yaml.safe_load((demo_repo / "params.yaml").read_text())["pipeline"]["coreai"]
+    coreai = yaml.safe_load((demo_repo / "params.yaml").read_text())["pipeline"]["coreai"]
+    recipes = coreai["recipes"]
+    assert coreai["models"] == list(DEMO_H)
     assert "fp16" in recipes and "int8" in recipes and {"pal4g", "pal4", "int4b"} & set(recipes)
     report = (demo_repo / "artifacts" / "report.md").read_text()
     assert "## Core AI assets (`.aimodel`, iOS / macOS 27)" in report

@@ -57,7 +57,8 @@ def test_dvc_yaml_outputs_are_the_library_paths() -> None:
         for recipe in pipeline["recipes"]:
             assert outputs[f"convert@{model}-{recipe}"] == [str(paths.package_dir(model, recipe))]
             assert outputs[f"validate@{model}-{recipe}"] == [str(paths.metrics_file(model, recipe))]
-        for recipe in pipeline["coreai"]:
+    for model in pipeline["coreai"]["models"]:
+        for recipe in pipeline["coreai"]["recipes"]:
             assert outputs[f"convert-coreai@{model}-{recipe}"] == [str(paths.export_dir("coreai", model, recipe))]
             metrics = paths.export_metrics_file("coreai", model, recipe)
             assert outputs[f"validate-coreai@{model}-{recipe}"] == [str(metrics)]

@@ -42,7 +42,8 @@ def packages(demo_repo: Path) -> dict[str, Path]:
     for model in pipeline["models"]:
         variant = params["models"][model]["variant"]
         folders |= {f"{variant}/{recipe}": artifacts / "packages" / model / recipe for recipe in pipeline["recipes"]}
-        assets = {f"{variant}/coreai/{recipe}": artifacts / "coreai" / model / recipe for recipe in pipeline["coreai"]}
+        coreai = pipeline["coreai"]["recipes"] if model in pipeline["coreai"]["models"] else []
+        assets = {f"{variant}/coreai/{recipe}": artifacts / "coreai" / model / recipe for recipe in coreai}
         folders |= assets
     return folders
 

@@ -182,14 +182,18 @@ def format_of(package_name: str) -> ExportFormat | None:
 
 
 def check_pipeline(params: dict[str, Any]) -> None:
-    """Each recipe the pipeline builds in another format (`pipeline.<format>`) has an equivalent there: refused
-    when the configuration is composed, not when its stage runs."""
+    """What the pipeline builds in another format (`pipeline.<format>.models` x `.recipes`) exists and has an
+    equivalent there: refused when the configuration is composed, not when its stage runs."""
     from .recipes import Recipe
 
     pipeline = params.get("pipeline") or {}
     for fmt in FORMATS.values():
-        for name in pipeline.get(fmt.name) or []:
+        section = pipeline.get(fmt.name) or {}
+        for model in section.get("models") or []:
+            if model not in (params.get("models") or {}):
+                raise VoxtralError(f"pipeline.{fmt.name}.models: unknown model {model!r}")
+        for name in section.get("recipes") or []:
             config = (params.get("recipes") or {}).get(name)
             if not isinstance(config, dict):
-                raise VoxtralError(f"pipeline.{fmt.name}: unknown recipe {name!r}")
+                raise VoxtralError(f"pipeline.{fmt.name}.recipes: unknown recipe {name!r}")
             fmt.check_recipe(Recipe.from_config(name, config))

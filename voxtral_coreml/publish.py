@@ -74,6 +74,7 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
     """Every model x recipe of params.yaml's pipeline, read from root's artifacts/ (one per variant and recipe)."""
     params = load_params(root / PARAMS_FILE)
     pipeline = lookup(params, "pipeline")
+    coreai = pipeline.get("coreai") or {}
     variants = {model: lookup(params, f"models.{model}.variant") for model in pipeline["models"]}
     for variant in sorted(set(variants.values())):
         if len(same := [m for m, v in variants.items() if v == variant]) > 1:
@@ -88,7 +89,7 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
             folder = root / package_dir(model, recipe)
             manifest, metrics = read_json(folder / MANIFEST), read_json(root / metrics_file(model, recipe))
             entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics))
-        for recipe in pipeline.get("coreai", []):
+        for recipe in coreai.get("recipes", []) if model in coreai.get("models", []) else []:
             folder = root / export_dir("coreai", model, recipe)
             manifest = read_json(folder / MANIFEST)
             metrics = read_json(root / export_metrics_file("coreai", model, recipe))

@@ -3,7 +3,7 @@ package size vs accuracy per model (table, PNG, plot data), for the pipeline alo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import write_text_atomic
@@ -73,7 +73,7 @@ def mel_section(precisions: list[str]) -> list[str]:
 
 def coreai_section(models: list[str], recipes: list[str]) -> list[str]:
     """The Core AI assets, if the pipeline builds any: the same table, run by Apple's Core AI runtime."""
-    if not recipes:
+    if not models or not recipes:
         return []
     lines = package_table(models, recipes, lambda model, recipe: export_metrics_file("coreai", model, recipe))
     return [
@@ -103,7 +103,7 @@ def tradeoff_section(points: list[Point]) -> list[str]:
 
 
 def render_report(
-    models: list[str], recipes: list[str], mel_precisions: list[str], points: list[Point], coreai: Sequence[str] = ()
+    models: list[str], recipes: list[str], mel_precisions: list[str], points: list[Point], coreai: dict | None = None
 ) -> str:
     """The report stage's: every pipeline package, the ANE module's parity, the mel packages, the trade-off."""
     return "\n".join(
@@ -120,7 +120,7 @@ def render_report(
             *parity_table(models),
             "",
             *mel_section(mel_precisions),
-            *coreai_section(models, list(coreai)),
+            *coreai_section((coreai or {}).get("models", []), (coreai or {}).get("recipes", [])),
             *tradeoff_section(points),
         ]
     )
@@ -151,7 +151,8 @@ def write_pipeline_report(pipeline: dict) -> str:
     """The report stage's outputs, from the pipeline's packages only: a DVC output follows from its deps alone,
     so dvc.lock stays the same whatever sweeps ran on this machine."""
     points = pipeline_points(pipeline["models"], pipeline["recipes"])
-    text = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"], points, pipeline.get("coreai", []))
+    coreai = pipeline.get("coreai") or {}
+    text = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"], points, coreai)
     _write_report(ARTIFACTS, text, points)
     return text
 

@@ -3,7 +3,8 @@
 from voxtral_coreml.atomic import atomic_path, write_json_atomic
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import extracted_dir, parity_file, reference_file
-from voxtral_coreml.reference import check_parity, compute_reference, save_reference
+from voxtral_coreml.families import family_of_extracted
+from voxtral_coreml.reference import check_parity, save_reference
 from voxtral_coreml.runner import run, stage_args
 
 
@@ -11,7 +12,7 @@ def main() -> None:
     model = stage_args(__doc__, "model").model
     params = load_params()
     build = lookup(params, "build")
-    tensors, parity = compute_reference(
+    tensors, parity = family_of_extracted(extracted_dir(model)).compute_reference(
         extracted_dir(model), lookup(params, "validation.audio"), build["attention"], build["query_chunk"]
     )
     print(f"{model}: ANE module vs transformers (fp32): {parity}")

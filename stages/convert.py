@@ -1,7 +1,7 @@
 """convert@<model>-<recipe>: torch.export + ct.convert into artifacts/packages/<model>/<recipe>/."""
 
 from voxtral_coreml.atomic import atomic_path
-from voxtral_coreml.convert import convert_package, package_name
+from voxtral_coreml.families import family_of_extracted
 from voxtral_coreml.layouts import read_json
 from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import extracted_dir, package_dir, sensitivity_file
@@ -16,11 +16,12 @@ def main() -> None:
     variant = lookup(params, f"models.{args.model}.variant")
     sensitivity = read_json(sensitivity_file(args.model, args.recipe)) if recipe.kind == "mixed" else None
     build = lookup(params, "build")
+    family = family_of_extracted(extracted_dir(args.model))
     with atomic_path(package_dir(args.model, args.recipe)) as staging:  # package + manifest, or nothing
         staging.mkdir()
-        convert_package(
+        family.convert_package(
             extracted_dir(args.model),
-            staging / package_name(variant),
+            staging / family.package_name(variant),
             recipe,
             model_name=args.model,
             variant=variant,

@@ -15,6 +15,7 @@ def main() -> None:
         extracted_dir(model),
         layout=source.get("layout", "auto"),
         source=public_source_info(checkpoint_dir(model)),
+        family=source.get("family", "auto"),
     )
 
 

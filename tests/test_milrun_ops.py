@@ -565,6 +565,282 @@ def test_tile_and_gather() -> None:
     np.testing.assert_array_equal(gathered0, x[[1, 0]])
 
 
+# ------------------------------------------------------------ integer arithmetic, comparisons, masks
+
+
+@pytest.mark.parametrize("dtype", [types.int32, types.fp32, types.fp16])
+def test_floor_div(dtype) -> None:
+    """Rounds toward negative infinity (python's //), for ints as for floats; -7 // 2 is -4, not -3. An fp16
+    quotient past 2048 is rounded as fp16 stores it (8188 // 3 = 2729 is stored as 2728)."""
+    np_dtype = types.nptype_from_builtin(dtype)
+    y = np.array([2, -3, 4, 3], np_dtype)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(3, 4), dtype=dtype)], opset_version=IOS16)
+    def prog(x):
+        return mb.floor_div(x=x, y=y)
+
+    x = np.array([[-7, 7, -1, 10], [0, -9, 9, -11], [749, -750, 1500, 8188]], np_dtype)
+    got = run_program(prog, x=x)
+    assert got.dtype == np_dtype
+    np.testing.assert_array_equal(got, np.floor_divide(x, y))
+
+
+COMPARISONS = [
+    ("equal", np.equal),
+    ("not_equal", np.not_equal),
+    ("less", np.less),
+    ("less_equal", np.less_equal),
+    ("greater", np.greater),
+    ("greater_equal", np.greater_equal),
+]
+
+
+@pytest.mark.parametrize(("op", "reference"), COMPARISONS, ids=[c[0] for c in COMPARISONS])
+@pytest.mark.parametrize("dtype", [types.int32, types.fp32])
+def test_comparisons(op, reference, dtype) -> None:
+    np_dtype = types.nptype_from_builtin(dtype)
+    y = np.arange(5, dtype=np_dtype) - 2  # broadcast along the last dim
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(3, 5), dtype=dtype)], opset_version=IOS16)
+    def prog(x):
+        return getattr(mb, op)(x=x, y=y)
+
+    x = np.array([[-2, -1, 0, 1, 2], [0, 0, 0, 0, 0], [2, 1, 0, -1, -2]], np_dtype)
+    got = run_program(prog, x=x)
+    assert got.dtype == np.bool_
+    np.testing.assert_array_equal(got, reference(x, y))
+
+
+@pytest.mark.parametrize(
+    ("op", "reference"),
+    [("logical_and", np.logical_and), ("logical_or", np.logical_or), ("logical_xor", np.logical_xor)],
+)
+def test_logical_binary(op, reference) -> None:
+    y = np.array([True, False], np.bool_)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 2), dtype=types.bool)], opset_version=IOS16)
+    def prog(x):
+        return getattr(mb, op)(x=x, y=y)
+
+    x = np.array([[True, True], [False, False]])
+    np.testing.assert_array_equal(run_program(prog, x=x), reference(x, y))
+
+
+def test_logical_not() -> None:
+    @mb.program(input_specs=[mb.TensorSpec(shape=(3,), dtype=types.bool)], opset_version=IOS16)
+    def prog(x):
+        return mb.logical_not(x=x)
+
+    x = np.array([True, False, True])
+    np.testing.assert_array_equal(run_program(prog, x=x), ~x)
+
+
+def test_select_broadcasts_cond_a_and_b() -> None:
+    b = rand(1, 4, seed=1)
+
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=(3, 1), dtype=types.bool), mb.TensorSpec(shape=(3, 4))],
+        opset_version=IOS16,
+    )
+    def prog(cond, a):
+        return mb.select(cond=cond, a=a, b=b), mb.select(cond=cond, a=np.float32(-1e4), b=a)
+
+    cond, a = np.array([[True], [False], [True]]), rand(3, 4)
+    picked, filled = run_program(prog, cond=cond, a=a)
+    np.testing.assert_array_equal(picked, np.where(cond, a, b))
+    np.testing.assert_array_equal(filled, np.where(cond, np.float32(-1e4), a))
+
+
+def test_cast_to_narrow_integers_wraps_like_c() -> None:
+    """iOS18 programs route gather indices through int16; int-to-int casts keep the low bits."""
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(4,), dtype=types.int32)], opset_version=IOS17)
+    def prog(x):
+        return (
+            mb.cast(x=mb.cast(x=x, dtype="int16"), dtype="int32"),
+            mb.cast(x=mb.cast(x=x, dtype="int8"), dtype="int32"),
+            mb.cast(x=mb.cast(x=x, dtype="uint8"), dtype="int32"),
+            mb.cast(x=mb.cast(x=x, dtype="uint16"), dtype="int32"),
+        )
+
+    x = np.array([-3, 749, 40000, 300], np.int32)
+    as_int16, as_int8, as_uint8, as_uint16 = run_program(prog, x=x)
+    np.testing.assert_array_equal(as_uint16, x.astype(np.uint16))  # held as int32: -3 must still wrap to 65533
+    np.testing.assert_array_equal(as_int16, x.astype(np.int16))
+    np.testing.assert_array_equal(as_int8, x.astype(np.int8))
+    np.testing.assert_array_equal(as_uint8, x.astype(np.uint8))
+
+
+def test_fill_like() -> None:
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))], opset_version=IOS16)
+    def prog(x):
+        return mb.fill_like(ref_tensor=x, value=np.float32(-2.5)), mb.fill_like(ref_tensor=x)
+
+    filled, zeros = run_program(prog, x=rand(2, 3))
+    np.testing.assert_array_equal(filled, np.full((2, 3), -2.5, np.float32))
+    np.testing.assert_array_equal(zeros, np.zeros((2, 3), np.float32))
+
+
+def test_gather_along_axis() -> None:
+    """numpy's take_along_axis: indices match x's shape but along axis, where they may be fewer (and negative)."""
+    along1 = np.array([[[0, 1, 2, 3], [-1, 0, 3, 1], [2, 2, 2, 2]]] * 2, np.int32)  # 3 picks of 4 rows
+    along_last = np.swapaxes(along1, 1, 2)  # 3 picks of 4 columns
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 4, 4))], opset_version=IOS16)
+    def prog(x):
+        return mb.gather_along_axis(x=x, indices=along1, axis=1), mb.gather_along_axis(x=x, indices=along_last, axis=-1)
+
+    x = rand(2, 4, 4)
+    got1, got_last = run_program(prog, x=x)
+    np.testing.assert_array_equal(got1, np.take_along_axis(x, along1 % 4, axis=1))
+    np.testing.assert_array_equal(got_last, np.take_along_axis(x, along_last % 4, axis=-1))
+
+
+@pytest.mark.parametrize(("kwargs", "index"), SLICE_CASES)
+def test_slice_update(execute, kwargs, index) -> None:
+    """The region slice_by_index reads (every SLICE_CASES form) is replaced; the rest of x is kept."""
+    update = rand(*np.zeros((6, 3, 5))[index].shape, seed=1)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(6, 3, 5))], opset_version=IOS18)
+    def prog(x):
+        return mb.slice_update(x=x, update=update, **kwargs)
+
+    x = rand(6, 3, 5)
+    expected = x.copy()
+    expected[index] = update
+    np.testing.assert_array_equal(execute(prog, x=x), expected)
+
+
+def test_slice_update_at_a_position_given_at_run_time() -> None:
+    """The streaming write: begin/end computed from an int32 input, as torch.export converts
+    `cache[..., i:i+k] = new`."""
+
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=(1, 2, 8)), mb.TensorSpec(shape=(1, 2, 3)), mb.TensorSpec((1,), types.int32)],
+        opset_version=IOS18,
+    )
+    def prog(cache, new, idx):
+        i = mb.slice_by_index(x=idx, begin=[0], end=[1], squeeze_mask=[True])
+        begin = mb.concat(values=(np.int32(0), np.int32(0), i), axis=0)
+        end = mb.concat(values=(np.int32(1), np.int32(2), mb.add(x=i, y=np.int32(3))), axis=0)
+        return mb.slice_update(x=cache, update=new, begin=begin, end=end)
+
+    model = load_program(prog)
+    cache, new = rand(1, 2, 8), rand(1, 2, 3, seed=1)
+    for i in (0, 2, 5):
+        expected = cache.copy()
+        expected[..., i : i + 3] = new
+        got = model.predict({"cache": cache, "new": new, "idx": np.array([i], np.int32)})
+        np.testing.assert_array_equal(got[model.outputs[0].name], expected)
+
+
+def test_concat_of_scalars_is_a_vector() -> None:
+    @mb.program(input_specs=[mb.TensorSpec((2,), types.int32)], opset_version=IOS16)
+    def prog(x):
+        first = mb.slice_by_index(x=x, begin=[0], end=[1], squeeze_mask=[True])
+        return mb.concat(values=(np.int32(7), first, np.int32(9)), axis=0)
+
+    got = run_program(prog, x=np.array([4, 5], np.int32))
+    assert got.shape == (3,)
+    np.testing.assert_array_equal(got, [7, 4, 9])
+
+
+# -------------------------------------------------------------------------------------- states (iOS18)
+
+
+def accumulator() -> Program:
+    """acc += x; returns (acc before, acc after * 2): the read before the write must see the old contents."""
+
+    @mb.program(
+        input_specs=[mb.TensorSpec((1, 4), types.fp16), mb.StateTensorSpec((1, 4), types.fp16)],
+        opset_version=IOS18,
+    )
+    def prog(x, acc):
+        before = mb.read_state(input=acc)
+        after = mb.coreml_update_state(state=acc, value=mb.add(x=before, y=x))
+        return mb.identity(x=before), mb.mul(x=after, y=np.float16(2))
+
+    return prog
+
+
+@pytest.mark.parametrize("form", ["program", "package"])
+def test_state_ops_keep_values_across_predictions(form, tmp_path: Path) -> None:
+    prog = accumulator()
+    model = load_program(prog) if form == "program" else load_package(save(prog, tmp_path / "acc.mlpackage"))
+    assert model.states == (TensorInfo("acc", (1, 4), "fp16"),)
+    assert [info.name for info in model.inputs] == ["x"]
+    state = model.make_state()
+    np.testing.assert_array_equal(state.read_state("acc"), np.zeros((1, 4), np.float16))  # Core ML zero-fills
+    xs = [rand(1, 4, seed=s).astype(np.float16) for s in range(4)]
+    acc = np.zeros((1, 4), np.float16)
+    for x in xs:
+        results = model.predict({"x": x}, state=state)
+        before, doubled = (results[o.name] for o in model.outputs)
+        np.testing.assert_array_equal(before, acc)
+        acc = acc + x  # float16 addition rounds each sum, as the device's fp16 state does
+        np.testing.assert_array_equal(doubled, acc * np.float16(2))
+        np.testing.assert_array_equal(state.read_state("acc"), acc)
+    fresh = model.make_state()  # a new state starts from zeros, the old one is untouched
+    np.testing.assert_array_equal(model.predict({"x": xs[0]}, state=fresh)[model.outputs[1].name], xs[0] * 2)
+    np.testing.assert_array_equal(state.read_state("acc"), acc)
+
+
+def test_state_write_read_and_errors() -> None:
+    model = load_program(accumulator())
+    state = model.make_state()
+    state.write_state("acc", np.full((1, 4), 3.0, np.float16))
+    x = np.ones((1, 4), np.float16)
+    np.testing.assert_array_equal(model.predict({"x": x}, state=state)[model.outputs[0].name], 3.0)
+    with pytest.raises(VoxtralError, match=r"keeps states \['acc'\]: pass state=model.make_state\(\)"):
+        model.predict({"x": x})
+    with pytest.raises(VoxtralError, match=r"state 'acc' must be a float16 array \(fp16\), got float32"):
+        state.write_state("acc", np.zeros((1, 4), np.float32))
+    with pytest.raises(VoxtralError, match=r"state 'acc' has shape \(4,\), expected \(1, 4\)"):
+        state.write_state("acc", np.zeros(4, np.float16))
+    with pytest.raises(VoxtralError, match=r"no state named 'kv'; states: \['acc'\]"):
+        state.read_state("kv")
+    stateless = load_program(accumulator_free())
+    with pytest.raises(VoxtralError, match=r"the state passed holds \[\('acc', \(1, 4\)\)\].*keeps \[\]"):
+        stateless.predict({"x": rand(2)}, state=state)
+    assert stateless.make_state().infos == ()
+
+
+def accumulator_free() -> Program:
+    @mb.program(input_specs=[mb.TensorSpec((2,))], opset_version=IOS18)
+    def prog(x):
+        return mb.relu(x=x)
+
+    return prog
+
+
+def test_a_failed_prediction_leaves_the_state_unchanged() -> None:
+    """The state is committed only after the last op ran: a stream can retry a step that raised."""
+
+    @mb.program(
+        input_specs=[
+            mb.TensorSpec((2,), types.fp16),
+            mb.TensorSpec((1,), types.int32),
+            mb.StateTensorSpec((2,), types.fp16),
+        ],
+        opset_version=IOS18,
+    )
+    def prog(x, i, acc):
+        updated = mb.coreml_update_state(state=acc, value=mb.add(x=mb.read_state(input=acc), y=x))
+        # A position past the end fails after the state was written.
+        return mb.slice_update(x=updated, update=np.zeros(1, np.float16), begin=i, end=mb.add(x=i, y=1), name="poke")
+
+    model = load_program(prog)
+    state = model.make_state()
+    x = np.ones(2, np.float16)
+    model.predict({"x": x, "i": np.array([0], np.int32)}, state=state)
+    with pytest.raises(
+        VoxtralError,
+        match=r"op slice_update 'poke' failed: slice_update: update of shape \(1,\) for a region of shape \(0,\)",
+    ):
+        model.predict({"x": x, "i": np.array([5], np.int32)}, state=state)
+    np.testing.assert_array_equal(state.read_state("acc"), [1, 1])
+
+
 # ------------------------------------------------------------------------- weight decompression ops
 
 
@@ -1230,6 +1506,11 @@ OP_SEMANTICS_TESTS = {
     "constexpr_blockwise_shift_scale": test_ios18_blockwise_shift_scale,
     "constexpr_sparse_blockwise_shift_scale": test_ios18_sparse_ops,
     "constexpr_lut_to_sparse": test_ios18_sparse_ops,
+    "floor_div": test_floor_div, "select": test_select_broadcasts_cond_a_and_b, "fill_like": test_fill_like,
+    **dict.fromkeys((c[0] for c in COMPARISONS), test_comparisons),
+    **dict.fromkeys(("logical_and", "logical_or", "logical_xor"), test_logical_binary),
+    "logical_not": test_logical_not, "gather_along_axis": test_gather_along_axis, "slice_update": test_slice_update,
+    **dict.fromkeys(("read_state", "coreml_update_state"), test_state_ops_keep_values_across_predictions),
 }  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Attention cores for (B, C, 1, S) tensors: swappable, parameter-free, chosen in conf/ (`build.attention`).
 
-All three compute softmax(q kᵀ) v per head with q already scaled; they differ only in how the work is cut
-into Core ML ops, which decides Neural Engine compile time (it grows with the op count) and tiling.
+All three compute softmax(q kᵀ + mask) v per head with q already scaled (mask: an optional additive
+(1, Sk, 1, Sq) tensor, for causal encoders); they differ only in how the work is cut into Core ML ops, which decides Neural Engine compile time (it grows with the op count) and tiling.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from torch import nn
 
 from .errors import VoxtralError
 
+Mask = torch.Tensor | None
+
 
 class SplitHeads(nn.Module):
     """ANE: one einsum per head on (B, C, 1, S) slices, softmax over the key axis (dim 1), no reshapes."""
@@ -21,14 +23,14 @@ class SplitHeads(nn.Module):
         super().__init__()
         self.n_heads = n_heads
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask = None) -> torch.Tensor:
         head_dim = q.shape[1] // self.n_heads
         k_t = k.transpose(1, 3)  # (B, S_k, 1, C): one transpose per layer, shared by every head
         heads = []
         for qh, kh, vh in zip(
             q.split(head_dim, dim=1), k_t.split(head_dim, dim=3), v.split(head_dim, dim=1), strict=True
         ):
-            heads.append(_attend(qh, kh, vh))
+            heads.append(_attend(qh, kh, vh, mask))
         return torch.cat(heads, dim=1)
 
 
@@ -39,7 +41,7 @@ class SplitHeadsChunkedQueries(SplitHeads):
         super().__init__(n_heads)
         self.query_chunk = query_chunk
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask = None) -> torch.Tensor:
         head_dim = q.shape[1] // self.n_heads
         n_chunks = math.ceil(q.shape[3] / self.query_chunk)  # ceil: 1500 queries keep their tail
         k_t = k.transpose(1, 3)
@@ -47,7 +49,8 @@ class SplitHeadsChunkedQueries(SplitHeads):
         for qh, kh, vh in zip(
             q.split(head_dim, dim=1), k_t.split(head_dim, dim=3), v.split(head_dim, dim=1), strict=True
         ):
-            chunks = [_attend(qc, kh, vh) for qc in qh.chunk(n_chunks, dim=3)]
+            masks = [None] * n_chunks if mask is None else mask.chunk(n_chunks, dim=3)
+            chunks = [_attend(qc, kh, vh, mc) for qc, mc in zip(qh.chunk(n_chunks, dim=3), masks, strict=True)]
             heads.append(torch.cat(chunks, dim=3))
         return torch.cat(heads, dim=1)
 
@@ -60,20 +63,25 @@ class FusedHeads(nn.Module):
         super().__init__()
         self.n_heads = n_heads
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask = None) -> torch.Tensor:
         b, c, _, s = q.shape
-        heads = (b, self.n_heads, c // self.n_heads, s)
-        q_h = q.reshape(heads).transpose(1, 2)  # (B, c, H, Sq)
-        k_h = k.reshape(heads).permute(0, 3, 1, 2)  # (B, Sk, H, c)
-        v_h = v.reshape(heads).transpose(1, 2)  # (B, c, H, Sk)
-        weights = torch.einsum("nchw,nwhu->nchu", k_h, q_h).softmax(dim=1)  # (B, Sk, H, Sq)
+        head_dim = c // self.n_heads
+        q_h = q.reshape(b, self.n_heads, head_dim, s).transpose(1, 2)  # (B, c, H, Sq)
+        k_h = k.reshape(b, self.n_heads, head_dim, -1).permute(0, 3, 1, 2)  # (B, Sk, H, c)
+        v_h = v.reshape(b, self.n_heads, head_dim, -1).transpose(1, 2)  # (B, c, H, Sk)
+        weights = _softmax_keys(torch.einsum("nchw,nwhu->nchu", k_h, q_h), mask)  # (B, Sk, H, Sq)
         out = torch.einsum("nchw,nwhu->nchu", v_h, weights)  # (B, c, H, Sq)
         return out.transpose(1, 2).reshape(b, c, 1, s)
 
 
-def _attend(qh: torch.Tensor, kh_t: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+def _softmax_keys(scores: torch.Tensor, mask: Mask) -> torch.Tensor:
+    """Softmax over the key axis (dim 1) of (B, Sk, H, Sq) scores, after the additive mask if any."""
+    return (scores if mask is None else scores + mask).softmax(dim=1)
+
+
+def _attend(qh: torch.Tensor, kh_t: torch.Tensor, vh: torch.Tensor, mask: Mask = None) -> torch.Tensor:
     """One head: q (B, c, 1, Sq), kᵀ (B, Sk, 1, c), v (B, c, 1, Sk) -> (B, c, 1, Sq)."""
-    weights = torch.einsum("bchq,bkhc->bkhq", qh, kh_t).softmax(dim=1)
+    weights = _softmax_keys(torch.einsum("bchq,bkhc->bkhq", qh, kh_t), mask)
     return torch.einsum("bkhq,bchk->bchq", weights, vh)
 
 

@@ -54,6 +54,9 @@ class EncoderDims:
     def projector_in(self) -> int:
         return self.d_model * FRAMES_PER_EMBEDDING
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return canonical_tensor_shapes(self)
+
     def to_json(self) -> dict[str, int]:
         return asdict(self)
 

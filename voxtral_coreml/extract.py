@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path, write_json_atomic
-from .dims import ENCODER_JSON, POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
+from .dims import ENCODER_JSON, POSITIONS_KEY, WEIGHTS_FILE, EncoderDims
 from .errors import VoxtralError
+from .families import detect_family, family_module, family_of
 from .layouts import Layout, SourceTensor, open_layout, read_json
 from .model import whisper_sinusoids
 from .safetensors_io import FLOAT_DTYPES, TensorSpec, read_header, read_tensor, write_safetensors
@@ -30,9 +31,9 @@ def _label(layout: Layout, name: str) -> str:
     return f"'{stored}'" if stored == name else f"'{stored}' ({name})"
 
 
-def _check_against_dims(found: dict[str, SourceTensor], dims: EncoderDims, layout: Layout) -> list[str]:
+def _check_against_dims(found: dict[str, SourceTensor], dims, layout: Layout) -> list[str]:
     """Names in canonical order; every mismatch is named before any data is read."""
-    expected = canonical_tensor_shapes(dims)
+    expected = dims.tensor_shapes()
     missing = [n for n in expected if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -76,17 +77,20 @@ def extract_audio_tower(
     out_dir: str | os.PathLike[str],
     layout: str = "auto",
     source: dict | None = None,
+    family: str = "auto",
 ) -> dict:
     """Write `out_dir/encoder.safetensors` and `out_dir/encoder.json`; returns the encoder.json content.
 
-    `source` (repo, revision, commit...) is recorded as given, for the manifests downstream."""
+    `source` (repo, revision, commit...) is recorded as given, for the manifests downstream; `family` is
+    detected from the checkpoint unless given (a family the checkpoint is not is an error)."""
     root, out_dir = Path(checkpoint), Path(out_dir)
-    source_layout = open_layout(root, layout)
+    family = detect_family(root, family)
+    source_layout = open_layout(root, layout, family_module(family).LAYOUTS)
     dims = source_layout.dims()
     found = source_layout.tensors()
     names = _check_against_dims(found, dims, source_layout)
     positions = found.get(POSITIONS_KEY)
-    if positions is not None and not _positions_are_sinusoids(positions, dims):
+    if positions is not None and not _positions_are_sinusoids(positions, dims):  # 2507 only: Realtime has RoPE
         log.warning("%s: stored positions are not Whisper sinusoids; keeping them", positions.file)
         names.append(POSITIONS_KEY)
     specs = [TensorSpec(n, found[n].dtype, found[n].shape) for n in names]
@@ -104,6 +108,7 @@ def extract_audio_tower(
         staging.mkdir()
         write_safetensors(staging / WEIGHTS_FILE, specs, produce)
         summary = {
+            "family": family,
             "dims": dims.to_json(),
             "weights_sha256": digest.hexdigest(),
             "positions": "stored" if POSITIONS_KEY in names else "sinusoid",
@@ -122,10 +127,10 @@ def load_extracted(extracted_dir: str | os.PathLike[str], dtype: torch.dtype = t
     extracted_dir = Path(extracted_dir)
     meta_path = extracted_dir / ENCODER_JSON
     meta = read_json(meta_path)
-    dims = EncoderDims.from_json(meta.get("dims", {}), str(meta_path))
+    dims = family_module(family_of(meta)).dims_from_json(meta.get("dims", {}), str(meta_path))
     weights_path = extracted_dir / WEIGHTS_FILE
     header = read_header(weights_path)
-    expected = canonical_tensor_shapes(dims)
+    expected = dims.tensor_shapes()
     for name, shape in expected.items():
         if name not in header or header[name].shape != shape:
             found = list(header[name].shape) if name in header else "missing"

@@ -78,10 +78,17 @@ def mel_filters() -> torch.Tensor:
     return torch.from_numpy(bank).float()
 
 
-def normalized_log_mel(mel_power: torch.Tensor) -> torch.Tensor:
-    """log10 of the mel power, floored at its maximum - 8 (over all of `mel_power`), scaled by (x + 4) / 4."""
+def power_spectrogram(waveform: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """|STFT|^2 of every frame, [..., 201, frames]: Hann window, N_FFT, HOP_LENGTH; `center` reflect-pads N_FFT / 2."""
+    stft = torch.stft(waveform, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), center=center, return_complex=True)
+    return stft.abs() ** 2
+
+
+def normalized_log_mel(mel_power: torch.Tensor, log_max: float | None = None) -> torch.Tensor:
+    """log10 of the mel power, floored at `log_max` - 8 (None: the maximum of all of `mel_power`), then (x + 4) / 4."""
     log_spec = torch.clamp(mel_power, min=LOG_CLAMP).log10()
-    log_spec = torch.maximum(log_spec, log_spec.amax() - LOG_RANGE)
+    ceiling = log_spec.amax() if log_max is None else torch.tensor(log_max, dtype=log_spec.dtype)
+    log_spec = torch.maximum(log_spec, ceiling - LOG_RANGE)
     return (log_spec + 4.0) / 4.0
 
 
@@ -90,9 +97,7 @@ def log_mel_windows(audio: np.ndarray) -> torch.Tensor:
     n_windows = max(1, -(-len(audio) // WINDOW_SAMPLES))
     padded = np.zeros(n_windows * WINDOW_SAMPLES, dtype=np.float32)
     padded[: len(audio)] = audio
-    waveform = torch.from_numpy(padded)
-    stft = torch.stft(waveform, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as Whisper does
+    power = power_spectrogram(torch.from_numpy(padded))[..., :-1].contiguous()  # Whisper drops the last frame
     log_spec = normalized_log_mel(mel_filters().T @ power)  # the floor: whole-clip maximum
     return log_spec.reshape(MEL_BINS, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
 

@@ -121,6 +121,10 @@ class VoxtralEncoderANE(nn.Module):
             x = layer(x)
         return self.head(x)
 
+    def stages(self) -> list:
+        """stem, each layer, head as one-tensor functions: the sensitivity scan reruns from any of them."""
+        return [self.stem, *self.layers, self.head]
+
     # stem and head are methods so that a caller can run the encoder from any layer on (sensitivity.py).
     def stem(self, mel_spectrogram: torch.Tensor) -> torch.Tensor:
         # [B, 128, 3000] -> (B, 128, 1, 3000), in the weights' dtype (fp16 when built for conversion)

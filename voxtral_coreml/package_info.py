@@ -21,8 +21,37 @@ def _array_description(feature) -> dict[str, object]:
     return {"name": feature.name, "shape": list(array.shape), "dtype": dtype}
 
 
+def _state_description(feature) -> dict[str, object]:
+    """A state's name, shape and dtype (always float16 in Core ML), and the bytes the app's MLState holds."""
+    import numpy as np
+    from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
+
+    array = feature.type.stateType.arrayType
+    dtype = ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()
+    shape = list(array.shape)
+    return {"name": feature.name, "shape": shape, "dtype": dtype, "bytes": math.prod(shape) * np.dtype(dtype).itemsize}
+
+
+def default_function(spec) -> str:
+    """The function an app gets without naming one: the spec's default in a multifunction package, else main."""
+    return spec.description.defaultFunctionName or "main"
+
+
+def _function_structure(description, function) -> dict[str, object]:
+    """One function's I/O, states and op inventory (description: the spec's, or a multifunction entry)."""
+    operations = function.block_specializations[function.opset].operations
+    ops = Counter(op.type for op in operations if op.type != "const")
+    return {
+        "inputs": [_array_description(f) for f in description.input],
+        "outputs": [_array_description(f) for f in description.output],
+        "states": [_state_description(f) for f in description.state],
+        "ops": dict(sorted(ops.items())),
+    }
+
+
 def package_structure(package: Path) -> dict[str, object]:
-    """I/O, spec version and the op inventory, read from the package's spec (works on any OS)."""
+    """I/O, states, spec version and the op inventory of the default function, read from the package's spec
+    (works on any OS); a multifunction package adds its default function's name and every function's structure."""
     import coremltools as ct
 
     spec_path = package / SPEC_FILE
@@ -34,14 +63,18 @@ def package_structure(package: Path) -> dict[str, object]:
         raise VoxtralError(f"{package}: the model spec cannot be read ({type(e).__name__}: {e})") from None
     if not spec.HasField("mlProgram"):
         raise VoxtralError(f"{package}: not an mlprogram")
-    main = spec.mlProgram.functions["main"]
-    ops = Counter(op.type for op in main.block_specializations[main.opset].operations if op.type != "const")
-    return {
-        "inputs": [_array_description(f) for f in spec.description.input],
-        "outputs": [_array_description(f) for f in spec.description.output],
-        "spec_version": spec.specificationVersion,
-        "ops": dict(sorted(ops.items())),
-    }
+    default = default_function(spec)
+    if default not in spec.mlProgram.functions:
+        raise VoxtralError(f"{package}: the ML program has no {default!r} function")
+    described = {f.name: f for f in spec.description.functions} or {default: spec.description}
+    missing = sorted(set(described) - set(spec.mlProgram.functions))
+    if missing:
+        raise VoxtralError(f"{package}: the spec describes functions {missing} its ML program lacks")
+    functions = {name: _function_structure(described[name], spec.mlProgram.functions[name]) for name in described}
+    structure: dict[str, object] = {**functions[default], "spec_version": spec.specificationVersion}
+    if spec.description.functions:
+        structure.update(default_function=default, functions=functions)
+    return structure
 
 
 ATTENTION_OPS = frozenset({"einsum", "matmul", "softmax"})
@@ -68,10 +101,10 @@ def _immediate(op) -> object:
 
 
 class _Graph:
-    """The main function's ops with their outputs' types, producers and consumers."""
+    """The default function's ops with their outputs' types, producers and consumers."""
 
     def __init__(self, spec) -> None:
-        main = spec.mlProgram.functions["main"]
+        main = spec.mlProgram.functions[default_function(spec)]
         self.ops = list(main.block_specializations[main.opset].operations)
         self.types = {i.name: _tensor(i.type) for i in main.inputs}
         self.producer = {}
@@ -101,6 +134,8 @@ class _Graph:
 
 def _matrix_flops(graph: _Graph, op) -> int:
     """Multiply-adds x 2 of the ops that do the arithmetic: conv, einsum, matmul, linear."""
+    if op.type not in ("conv", "matmul", "linear", "einsum"):
+        return 0  # (write_state, for one, has no outputs at all)
     out_numel = math.prod(graph.types[op.outputs[0].name][1])
     if op.type == "conv":
         weight = graph.types[graph.input_names(op, "weight")[0]][1]
@@ -109,18 +144,16 @@ def _matrix_flops(graph: _Graph, op) -> int:
         x = graph.types[graph.input_names(op, "x")[0]][1]
         transposed = graph.const_value(op, "transpose_x") == [1]
         return 2 * out_numel * (x[-2] if transposed else x[-1])
-    if op.type == "einsum":
-        equation = graph.const_value(op, "equation")
-        values = graph.input_names(op, "values")
-        if not equation or len(values) != 2:
-            return 0
-        inputs, output = str(equation[0]).replace(" ", "").split("->")
-        sizes = {}
-        for letters, name in zip(inputs.split(","), values, strict=True):
-            sizes.update(zip(letters, graph.types[name][1], strict=True))
-        contracted = [size for letter, size in sizes.items() if letter not in output]
-        return 2 * out_numel * math.prod(contracted)
-    return 0
+    equation = graph.const_value(op, "equation")  # einsum
+    values = graph.input_names(op, "values")
+    if not equation or len(values) != 2:
+        return 0
+    inputs, output = str(equation[0]).replace(" ", "").split("->")
+    sizes = {}
+    for letters, name in zip(inputs.split(","), values, strict=True):
+        sizes.update(zip(letters, graph.types[name][1], strict=True))
+    contracted = [size for letter, size in sizes.items() if letter not in output]
+    return 2 * out_numel * math.prod(contracted)
 
 
 def _inside_attention(graph: _Graph) -> set[str]:
@@ -145,7 +178,7 @@ def ane_report(package: Path) -> dict[str, object]:
 
     structure = package_structure(package)  # validates the package first
     graph = _Graph(ct.utils.load_spec(str(package)))
-    compute = [op for op in graph.ops if op.type != "const"]
+    compute = [op for op in graph.ops if op.type != "const" and op.outputs]  # write_state has no output
     inside = _inside_attention(graph)
     layout_outside = Counter(op.type for op in compute if op.type in LAYOUT_OPS and op.outputs[0].name not in inside)
     fp32 = Counter(op.type for op in compute if any(graph.types[o.name][0] == "float32" for o in op.outputs))

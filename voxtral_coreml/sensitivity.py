@@ -29,6 +29,7 @@ import torch
 from .compress import average_bits, compressible_weights, palettized, weight_op_names
 from .dims import POSITIONS_KEY
 from .errors import VoxtralError
+from .families import family_of_extracted
 from .extract import load_extracted
 from .features import speech_mel
 from .metrics import PSNR_CAP_DB, psnr_db
@@ -60,8 +61,8 @@ def calibration_encoder(
     return build_ane_encoder(weights, short, SIM_ATTENTION), mel
 
 
-def _stages(model: VoxtralEncoderANE) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    return [model.stem, *model.layers, model.head]
+def _stages(model: torch.nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    return model.stages()
 
 
 def _stage_of(op: str, n_layers: int) -> int:
@@ -139,7 +140,7 @@ def scan_sensitivity(
     started = time.monotonic()
     settings = scan_settings(recipe)
     candidates = tuple(settings["candidate_bits"])
-    model, mel = calibration_encoder(extracted_dir, frames, audio)
+    model, mel = family_of_extracted(extracted_dir).calibration_encoder(extracted_dir, frames, audio)
     stages = _stages(model)
     weights = compressible_weights(model, settings["weight_threshold"])
     ops: dict[str, dict] = {}

@@ -16,6 +16,7 @@ from typing import Any
 from .atomic import atomic_path, write_json_atomic
 from .dims import EncoderDims
 from .errors import VoxtralError
+from .families import DEFAULT_FAMILY, family_module
 from .layouts import is_encoder_tensor_any_layout, open_layout, read_json
 from .synthetic import LanguageModelShape, write_synthetic_checkpoint
 
@@ -47,6 +48,13 @@ def synthetic_dims(cfg: dict[str, Any], where: str) -> EncoderDims:
         raise VoxtralError(f"{where}.dims: missing {e}") from None
 
 
+def write_synthetic(out_dir: Path, source: dict[str, Any], where: str) -> None:
+    """The 2507 family's synthetic checkpoint from `models.<model>.source` (dims, language_model, seed)."""
+    dims = synthetic_dims(source, where)
+    lm = LanguageModelShape(**_require(source, "language_model", where))
+    write_synthetic_checkpoint(out_dir, dims, lm, seed=int(_require(source, "seed", where)))
+
+
 def fingerprint(root: Path) -> dict[str, list[int]]:
     """Relative path -> [size, mtime_ns] of every file: cheap, and changes when a file is rewritten."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
@@ -67,10 +75,9 @@ def materialize_checkpoint(model: str, source: dict[str, Any], out_dir: str | os
     with atomic_path(out_dir) as staging:
         staging.mkdir()
         if kind == "synthetic":
-            dims = synthetic_dims(source, where)
-            lm = LanguageModelShape(**_require(source, "language_model", where))
-            log.info("generating synthetic checkpoint %s (%d layers, d_model %d)", model, dims.n_layers, dims.d_model)
-            write_synthetic_checkpoint(staging, dims, lm, seed=int(_require(source, "seed", where)))
+            family = source.get("family", DEFAULT_FAMILY)
+            family_module(family).write_synthetic(staging, source, where)
+            log.info("generated synthetic %s checkpoint %s", family, model)
             info = {"kind": "synthetic", "model": model, "seed": source["seed"]}
         else:
             root = Path(_require(source, "path", where)).expanduser().resolve()

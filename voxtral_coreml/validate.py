@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .convert import MANIFEST, io_contract
-from .dims import EncoderDims
+from .convert import MANIFEST
 from .errors import VoxtralError
+from .families import family_module, family_of
 from .formats import FORMATS, SUFFIXES, format_of
 from .layouts import read_json
 from .metrics import compare_embeddings
@@ -103,8 +103,9 @@ def validate_package(
     package, manifest = find_package(Path(package_dir))
     fmt = format_of(package.name)
     structure = fmt.structure(package)
-    dims = EncoderDims.from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
-    check_structure(package, manifest, structure, io_contract(dims))
+    family = family_module(family_of(manifest))
+    dims = family.dims_from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
+    check_structure(package, manifest, structure, family.io_contract(dims, manifest))
     backend = fmt.resolve_backend(backend, "validation.backend")
     log.info("validating %s with the %s backend", package, backend)
     embeddings, timings = fmt.run(backend, package, reference["mel"])

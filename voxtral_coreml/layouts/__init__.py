@@ -27,14 +27,15 @@ __all__ = [
 LAYOUTS: dict[str, type[Layout]] = {layout.name: layout for layout in (HFLayout, MLXLayout, MistralLayout)}
 
 
-def open_layout(root: Path, layout: str = "auto") -> Layout:
+def open_layout(root: Path, layout: str = "auto", layouts: dict[str, type[Layout]] = LAYOUTS) -> Layout:
+    """The checkpoint's layout among `layouts` (a family's; the 2507 family's by default)."""
     if not root.is_dir():
         raise VoxtralError(f"{root}: checkpoint directory not found")
     if layout != "auto":
-        if layout not in LAYOUTS:
-            raise VoxtralError(f"unknown checkpoint layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
-        return LAYOUTS[layout](root)
-    for cls in LAYOUTS.values():
+        if layout not in layouts:
+            raise VoxtralError(f"unknown checkpoint layout {layout!r}; choose auto or one of {', '.join(layouts)}")
+        return layouts[layout](root)
+    for cls in layouts.values():
         if cls.detect(root):
             return cls(root)
     raise VoxtralError(

@@ -85,4 +85,5 @@ def to_runtime(value: Any) -> Any:
         array = array.astype(np.int64)
     if not array.flags.writeable:  # the loader's arrays can be read-only views of the weight file's bytes
         array = array.copy()
-    return torch.from_numpy(np.ascontiguousarray(array))
+    # (np.ascontiguousarray would turn a scalar into shape [1]; a 0-d array is always contiguous.)
+    return torch.from_numpy(array if array.flags.c_contiguous else np.ascontiguousarray(array))

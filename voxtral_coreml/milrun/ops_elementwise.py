@@ -56,7 +56,9 @@ def _gelu(a: OpArgs) -> Result:
     raise VoxtralError(f"gelu mode {mode!r} is not a MIL gelu mode")
 
 
-_CAST_TARGETS = ("fp16", "fp32", "int32", "bool")
+# iOS17 added the narrow integer types (iOS18 programs cast gather indices to int16 or uint16); int to int wraps
+# like C. uint16 is held widened to int32 (dtypes.STORAGE), so its wrap is spelled out.
+_CAST_TARGETS = ("fp16", "fp32", "int8", "uint8", "int16", "uint16", "int32", "bool")
 
 
 def _cast(a: OpArgs) -> Result:
@@ -64,7 +66,20 @@ def _cast(a: OpArgs) -> Result:
     dtype = a.text("dtype")
     if dtype not in _CAST_TARGETS:
         raise VoxtralError(f"cast to {dtype!r} is not one of the MIL cast dtypes {_CAST_TARGETS}")
-    return a.tensor("x").to(STORAGE[dtype])
+    x = a.tensor("x")
+    if dtype == "uint16":
+        return x.to(torch.int64).remainder(1 << 16).to(STORAGE[dtype])
+    return x.to(STORAGE[dtype])
+
+
+def _floor_div(a: OpArgs) -> Result:
+    """floor_div(x, y): x / y rounded toward negative infinity, for ints and floats alike (-7 // 2 = -4)."""
+    return torch.div(a.tensor("x"), a.tensor("y"), rounding_mode="floor")
+
+
+def _select(a: OpArgs) -> Result:
+    """select(cond, a, b): a where cond is true, else b; the three broadcast numpy-style."""
+    return torch.where(a.tensor("cond"), a.tensor("a"), a.tensor("b"))
 
 
 KERNELS: dict[str, Kernel] = {
@@ -91,4 +106,16 @@ KERNELS: dict[str, Kernel] = {
     "clip": _clip,
     "cast": _cast,
     "identity": lambda a: a.tensor("x"),
+    "floor_div": _floor_div,
+    "equal": _binary(torch.eq),
+    "not_equal": _binary(torch.ne),
+    "less": _binary(torch.lt),
+    "less_equal": _binary(torch.le),
+    "greater": _binary(torch.gt),
+    "greater_equal": _binary(torch.ge),
+    "logical_and": _binary(torch.logical_and),
+    "logical_or": _binary(torch.logical_or),
+    "logical_xor": _binary(torch.logical_xor),
+    "logical_not": _unary(torch.logical_not),
+    "select": _select,
 }

@@ -9,7 +9,7 @@ from coremltools.converters.mil.mil import Block, Function, Operation, Program, 
 
 from voxtral_coreml.errors import VoxtralError
 
-from . import ops_constexpr, ops_elementwise, ops_nn, ops_tensor
+from . import ops_constexpr, ops_elementwise, ops_nn, ops_state, ops_tensor
 from .args import Kernel, OpArgs
 from .dtypes import Coercer, coercer, dtype_name, round_fp16, round_fp16_in_place, to_runtime, unchanged
 
@@ -18,6 +18,7 @@ KERNELS: dict[str, Kernel] = {
     **ops_nn.KERNELS,
     **ops_tensor.KERNELS,
     **ops_constexpr.KERNELS,
+    **ops_state.KERNELS,
 }
 SUPPORTED_OPS: frozenset[str] = frozenset({"const", *KERNELS})
 
@@ -27,8 +28,11 @@ Ref = int | tuple[int, ...]
 # Ops that only move values: fed fp16 (already rounded) values, their results need no rounding (it is idempotent).
 MOVES_VALUES = frozenset(
     {"reshape", "transpose", "expand_dims", "squeeze", "slice_by_index", "slice_by_size", "split", "concat",
-     "identity", "tile", "gather"}
+     "identity", "tile", "gather", "gather_along_axis", "slice_update", "select", "read_state",
+     "coreml_update_state"}
 )  # fmt: skip
+# The inputs whose values such an op moves (indices, masks and conditions are not among them).
+VALUE_INPUTS = ("x", "values", "update", "a", "b", "input", "value")
 # Ops whose kernels always allocate their result: it can be rounded in its own memory.
 FRESH_RESULTS = frozenset(
     {"conv", "linear", "matmul", "einsum", "softmax", "gelu", "layer_norm", "batch_norm", "add", "sub", "mul",
@@ -59,8 +63,8 @@ class Step:
             env[slot] = None
 
 
-def program_op_types(program: Program) -> Counter[str]:
-    """Every op type in every function of a program, counting ops inside nested blocks too."""
+def function_op_types(function: Function) -> Counter[str]:
+    """Every op type in one function, counting ops inside nested blocks too."""
     counts: Counter[str] = Counter()
 
     def visit(block: Block) -> None:
@@ -69,9 +73,13 @@ def program_op_types(program: Program) -> Counter[str]:
             for inner in op.blocks:
                 visit(inner)
 
-    for function in program.functions.values():
-        visit(function)
+    visit(function)
     return counts
+
+
+def program_op_types(program: Program) -> Counter[str]:
+    """Every op type in every function of a program, counting ops inside nested blocks too."""
+    return sum((function_op_types(function) for function in program.functions.values()), Counter())
 
 
 class Plan:
@@ -197,8 +205,8 @@ def _slots(ref: Ref) -> tuple[int, ...]:
 
 def _rounding(op: Operation) -> Coercer:
     """How an fp16 result of `op` is rounded: not at all, in place, or into a new tensor."""
-    data = op.inputs.get("values", op.inputs.get("x"))
-    data_vars = data if isinstance(data, list | tuple) else [data]
-    if op.op_type in MOVES_VALUES and all(v is not None and dtype_name(v.dtype) == "fp16" for v in data_vars):
+    data = [op.inputs[name] for name in VALUE_INPUTS if name in op.inputs]
+    data_vars = [v for value in data for v in (value if isinstance(value, list | tuple) else [value])]
+    if op.op_type in MOVES_VALUES and data_vars and all(dtype_name(v.dtype) == "fp16" for v in data_vars):
         return unchanged
     return round_fp16_in_place if op.op_type in FRESH_RESULTS else round_fp16

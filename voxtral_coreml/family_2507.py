@@ -1,0 +1,52 @@
+"""The Voxtral 2507 family (Mini, Small): its entry in `families.FAMILIES`, pointing at the modules that hold it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dims import EncoderDims
+from .layouts import LAYOUTS
+
+__all__ = ["LAYOUTS", "calibration_encoder", "compute_reference", "convert_package", "detect", "io_contract"]
+
+dims_from_json = EncoderDims.from_json
+
+
+def detect(root: Path) -> bool:
+    return True  # the default family: whatever no other family claims
+
+
+def write_synthetic(*args, **kwargs) -> None:
+    from .sources import write_synthetic
+
+    write_synthetic(*args, **kwargs)
+
+
+def compute_reference(*args, **kwargs):
+    from .reference import compute_reference
+
+    return compute_reference(*args, **kwargs)
+
+
+def calibration_encoder(*args, **kwargs):
+    from .sensitivity import calibration_encoder
+
+    return calibration_encoder(*args, **kwargs)
+
+
+def convert_package(*args, **kwargs):
+    from .convert import convert_package
+
+    return convert_package(*args, **kwargs)
+
+
+def io_contract(dims: EncoderDims, manifest: dict | None = None) -> dict:
+    from .convert import io_contract
+
+    return io_contract(dims)
+
+
+def package_name(variant: str) -> str:
+    from .convert import package_name
+
+    return package_name(variant)

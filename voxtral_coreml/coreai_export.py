@@ -166,10 +166,8 @@ def canonical_resource_names(program: AIProgram) -> int:
 
 @contextlib.contextmanager
 def quiet_coreai() -> Iterator[None]:
-    """coreai-torch warns that torch 2.13.0 is at the edge of what it validated (the pin here is tested), and
-    torchao, which coreai-opt imports, that this machine has no GPU kernels and (through torch) about an enum."""
-    for noisy in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    """coreai-torch warns that torch 2.13.0 is at the edge of what it validated (the pin here is tested); torchao,
+    which coreai-opt imports, is quieted on import (voxtral_coreml/__init__.py)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="coreai-torch has only been validated")
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -60,7 +60,7 @@ def test_a_recipe_without_a_core_ai_equivalent_is_refused_when_composed(tmp_path
     assert not (tmp_path / "params.yaml").exists()
     with pytest.raises(VoxtralError, match=r"pipeline.coreai.recipes: unknown recipe 'int3'"):
         compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.recipes=[int3]"])
-    with pytest.raises(VoxtralError, match=r"pipeline.coreai.models: unknown model 'nano'"):
+    with pytest.raises(VoxtralError, match=r"pipeline.coreai.models: 'nano' is not in pipeline.models"):
         compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.models=[nano]"])
 
 

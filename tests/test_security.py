@@ -37,7 +37,7 @@ def _reduce_to_hub_model(project: Path, repo: FakeRepo) -> None:
     params = yaml.safe_load(params_path.read_text())
     source = {"kind": "hub", "repo_id": repo.repo_id, "revision": repo.commit}
     params["models"][MODEL] = {"variant": "Mini", "license": "apache-2.0", "source": source}
-    params["pipeline"].update(models=[MODEL], recipes=["fp16"], mel=[])
+    params["pipeline"].update(models=[MODEL], recipes=["fp16"], mel=[], coreai={"models": [MODEL], "recipes": ["fp16"]})
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -190,8 +190,8 @@ def check_pipeline(params: dict[str, Any]) -> None:
     for fmt in FORMATS.values():
         section = pipeline.get(fmt.name) or {}
         for model in section.get("models") or []:
-            if model not in (params.get("models") or {}):
-                raise VoxtralError(f"pipeline.{fmt.name}.models: unknown model {model!r}")
+            if model not in (pipeline.get("models") or []):
+                raise VoxtralError(f"pipeline.{fmt.name}.models: {model!r} is not in pipeline.models (not extracted)")
         for name in section.get("recipes") or []:
             config = (params.get("recipes") or {}).get(name)
             if not isinstance(config, dict):

@@ -61,7 +61,7 @@ def reduce_pipeline(project: Path, edit: Callable[[dict], None] | None = None) -
     """One model, one recipe, no mel stage: what the faults need, nothing more."""
     params_path = project / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
-    params["pipeline"].update(models=[MODEL], recipes=[RECIPE], mel=[])
+    params["pipeline"].update(models=[MODEL], recipes=[RECIPE], mel=[], coreai={"models": [], "recipes": []})
     if edit is not None:
         edit(params)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -73,7 +73,8 @@ def secured_run(tmp_path_factory: pytest.TempPathFactory) -> SecuredRun:
 def test_no_process_unpickles_anything(secured_run: SecuredRun) -> None:
     probed = [Path(e["argv"][0]) for e in secured_run.unpickled if e["what"] == "probed" and e["argv"]]
     stages = {p.stem for p in probed if p.parent.name == "stages"}
-    assert stages == {"download", "extract", "build", "sensitivity", "convert", "validate", "report"}
+    core_ml = {"download", "extract", "build", "sensitivity", "convert", "validate", "report"}
+    assert stages == core_ml | {"export", "validate_export"}  # the Core AI export and its validation too
     assert sum(p.name == "cli.py" for p in probed) == 2  # publish and encode
     assert [e for e in secured_run.unpickled if e["what"] != "probed"] == []
 

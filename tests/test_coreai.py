@@ -1,0 +1,184 @@
+"""Core AI assets: recipes mapped onto coreai-opt, reproducible bytes, any module (states too), and the same model
+run by Apple's Core AI runtime, by this project's MIL runtime (as a Core ML package) and by transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from conftest import REPO, cli, tree_digests, write_speech
+from voxtral_coreml.cli import recipe_config
+from voxtral_coreml.coreai_backend import load_asset
+from voxtral_coreml.coreai_export import compression_settings, export_asset
+from voxtral_coreml.encode import encode_audio
+from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.extract import load_extracted
+from voxtral_coreml.features import load_audio
+from voxtral_coreml.metrics import compare_embeddings
+from voxtral_coreml.params import compose_params
+from voxtral_coreml.recipes import Recipe
+from voxtral_coreml.reference import TransformersReference, processor_features
+
+DEMO_COREAI_RECIPES = ["fp16", "int8", "pal4g"]  # conf/config.yaml's pipeline.coreai.recipes (a test checks)
+
+
+def recipe(name: str) -> Recipe:
+    return Recipe.from_config(name, recipe_config(name))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("fp16", {"pass": None, "weights": "float16"}),
+        ("int8", {"pass": "quantize_weights", "dtype": "int8", "qscheme": "SYMMETRIC", "granularity": "per_channel"}),
+        ("int4b", {"pass": "quantize_weights", "dtype": "int4", "granularity": "per_block", "block_size": 32}),
+        ("pal6", {"pass": "palettize_weights", "n_bits": 6, "granularity": "per_tensor", "lut_dtype": None}),
+        ("pal4g", {"pass": "palettize_weights", "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}),
+    ],
+)
+def test_recipes_map_onto_coreai_opt(name: str, expected: dict) -> None:
+    settings = compression_settings(recipe(name))
+    assert expected.items() <= settings.items()
+    if settings["pass"] is not None:
+        assert settings["weight_num_threshold"] == recipe(name).params["weight_threshold"]
+    if settings["pass"] == "palettize_weights":
+        assert settings["num_kmeans_workers"] == 1  # grouped k-means deadlocks with coreai-opt's default of 4
+
+
+def test_a_recipe_without_a_core_ai_equivalent_is_refused_when_composed(tmp_path: Path) -> None:
+    with pytest.raises(VoxtralError, match="recipe 'mixed': kind mixed has no Core AI equivalent") as err:
+        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.recipes=[fp16,mixed]"])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "params.yaml").exists()
+    with pytest.raises(VoxtralError, match=r"pipeline.coreai.recipes: unknown recipe 'int3'"):
+        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.recipes=[int3]"])
+    with pytest.raises(VoxtralError, match=r"pipeline.coreai.models: 'nano' is not in pipeline.models"):
+        compose_params(tmp_path / "params.yaml", REPO / "conf", ["pipeline.coreai.models=[nano]"])
+
+
+def test_the_demo_builds_the_core_ai_recipes_these_tests_check() -> None:
+    coreai = yaml.safe_load((REPO / "params.yaml").read_text())["pipeline"]["coreai"]
+    assert coreai == {"models": ["demo-mini", "demo-small"], "recipes": DEMO_COREAI_RECIPES}
+
+
+def test_convert_refuses_mixed_before_any_work(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "E.aimodel"
+    args = ["--checkpoint", str(checkpoint), "--recipe", "mixed", "--format", "coreai", "--out", str(out)]
+    result = cli("convert", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: recipe 'mixed': kind mixed has no Core AI equivalent")
+    assert not out.parent.exists()
+    result = cli("convert", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out))
+    assert result.returncode == 2 and "argument --format: invalid choice: 'onnx'" in result.stderr
+
+
+def test_an_asset_is_byte_identical_across_processes_and_describes_itself(checkpoint: Path, tmp_path: Path) -> None:
+    """Two conversions in two processes (k-means included): coreai-torch's per-process blob names and the
+    creation date would differ without canonicalization."""
+    folders = []
+    for run_id in ("a", "b"):
+        out = tmp_path / run_id
+        args = ["--checkpoint", str(checkpoint), "--recipe", "pal4g", "--format", "coreai", "--variant", "Mini"]
+        args += ["--out", str(out)]
+        result = cli("convert", *args)
+        assert result.returncode == 0, result.stderr
+        folders.append(out)
+    first, second = (tree_digests(folder) for folder in folders)
+    assert first == second
+    assert set(first) == {"manifest.json", *(f"VoxtralEncoderMini.aimodel/{f}" for f in ("main.hash", "main.mlirb",
+                                                                                         "metadata.json"))}  # fmt: skip
+    metadata = json.loads((folders[0] / "VoxtralEncoderMini.aimodel" / "metadata.json").read_text())
+    assert "creationDate" not in metadata
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    assert manifest["format"] == "coreai" and manifest["deployment_target"] == {"coreai": "v27", "ios": "27.0",
+                                                                                "macos": "27.0"}  # fmt: skip
+    assert manifest["compression"]["pass"] == "palettize_weights"
+    result = cli("inspect", str(folders[0] / "VoxtralEncoderMini.aimodel"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "  functions: main (Voxtral Mini audio encoder + projector (pal4g))" in lines
+    assert "  mel_spectrogram: float32 [1, 128, 3000]" in lines and "  audio_embeddings: float32 [1, 375, 96]" in lines
+    assert "  minimum OS: iOS / macOS 27.0  producer: coreai-core 1.0.0b3" in lines
+    assert any(line.startswith("  recipe: pal4g (") and "n_bits 4" in line for line in lines)
+    assert re.search(r"  weights by storage type: UInt4 \d+, Float16 \d+", result.stdout)  # 4-bit indices
+    assert re.search(r"  ops: \d+ \(.*lut_to_dense 16", result.stdout)  # one LUT lookup per conv weight
+
+
+class RunningSum(nn.Module):
+    """A streaming step in miniature: a buffer mutated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("total", torch.zeros(1, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.total.add_(x)
+        return self.total * 2
+
+
+def test_any_module_exports_and_a_mutated_buffer_becomes_a_state(tmp_path: Path) -> None:
+    from coreai.runtime import NDArray
+
+    path = tmp_path / "sum.aimodel"
+    export_asset(RunningSum().eval(), (torch.zeros(1, 4),), ["x"], ["y"], path, state_names=["total"])
+
+    async def three_steps() -> list[np.ndarray]:
+        async with load_asset(path).executable() as model:
+            step = model.load_function("main")
+            state = NDArray(np.zeros((1, 4), np.float32))  # the runtime updates it in place
+            return [(await step({"x": NDArray(np.ones((1, 4), np.float32))}, state={"total": state}))["y"].numpy()
+                    for _ in range(3)]  # fmt: skip
+
+    outputs = asyncio.run(three_steps())
+    assert [float(y[0, 0]) for y in outputs] == [2.0, 4.0, 6.0]
+    with pytest.raises(VoxtralError, match=r"sum.mlpackage: a Core AI asset must end in .aimodel"):
+        export_asset(RunningSum(), (torch.zeros(1, 4),), ["x"], ["y"], tmp_path / "sum.mlpackage")
+
+
+@pytest.fixture(scope="module")
+def speech_and_transformers(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    """10 s of speech and transformers' get_audio_features for demo-mini on it (one 30 s window)."""
+    audio = write_speech(tmp_path_factory.mktemp("coreai") / "speech-10s.wav", 10)
+    weights, dims, _ = load_extracted(demo_repo / "artifacts" / "extracted" / "demo-mini")
+    return audio, TransformersReference(weights, dims).audio_embeddings(processor_features(load_audio(audio)))
+
+
+@pytest.mark.parametrize("name", DEMO_COREAI_RECIPES)
+def test_core_ai_and_core_ml_agree_with_each_other_and_with_transformers(
+    name: str, demo_repo: Path, speech_and_transformers: tuple[Path, torch.Tensor], tmp_path: Path
+) -> None:
+    """The same module and recipe: as a Core ML package run by the MIL runtime, and as a Core AI asset run by
+    Apple's runtime through `voxtral-coreml encode` (which names the runtime)."""
+    audio, expected = speech_and_transformers
+    package = demo_repo / "artifacts" / "packages" / "demo-mini" / name
+    asset = demo_repo / "artifacts" / "coreai" / "demo-mini" / name / "VoxtralEncoderMini.aimodel"
+    coreml = encode_audio(audio, package, backend="mil", progress=False).embeddings
+    out = tmp_path / "coreai.npy"
+    result = cli("encode", str(audio), "--package", str(asset), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"coreai \(coreai-core's CPU runtime \(Linux\)\): load [\d.]+ s", result.stdout)
+    coreai = torch.from_numpy(np.load(out))
+    gate = recipe(name).psnr_gate_db
+    pairs = {
+        "Core ML (MIL runtime) vs transformers": compare_embeddings(expected, coreml),
+        "Core AI (Apple's runtime) vs transformers": compare_embeddings(expected, coreai),
+        "Core AI vs Core ML": compare_embeddings(coreml, coreai),
+    }
+    print(f"{name}: {pairs} (gate {gate} dB)")
+    assert all(m["psnr_db"] >= gate for m in pairs.values()), pairs
+
+
+def test_an_asset_runs_only_on_apples_runtime(demo_repo: Path) -> None:
+    from voxtral_coreml.validate import load_reference, validate_package
+
+    reference = load_reference(demo_repo / "artifacts" / "reference" / "demo-mini" / "reference.safetensors")
+    with pytest.raises(VoxtralError, match=r"a Core AI asset runs on the coreai backend \(or auto\), not 'mil'"):
+        validate_package(demo_repo / "artifacts" / "coreai" / "demo-mini" / "fp16", reference, 50.0, backend="mil")

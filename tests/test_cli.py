@@ -116,7 +116,8 @@ def test_version_and_help_list_choices_and_defaults() -> None:
     assert f"(default: {BUILD['attention']})" in help_text and f"(default: {BUILD['query_chunk']})" in help_text
     for choice in ("fused_heads", "split_heads_chunked", "fp16", "int8", "pal4g", "mixed", "mistral", "mlx"):
         assert choice in help_text
-    assert "{auto,mil,coreml}" in " ".join(cli("validate", "--help").stdout.split())
+    assert "{auto,mil,coreml,coreai}" in " ".join(cli("validate", "--help").stdout.split())
+    assert "--format {coreml,coreai}" in help_text and "--attention-precision {fp32,fp16}" in help_text
 
 
 @pytest.mark.parametrize(

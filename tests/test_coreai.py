@@ -14,16 +14,21 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import REPO, cli, tree_digests, write_speech
+from conftest import REPO, cli, speech, tree_digests, write_speech
 from voxtral_coreml.cli import recipe_config
 from voxtral_coreml.coreai_backend import load_asset
 from voxtral_coreml.coreai_export import compression_settings, export_asset
 from voxtral_coreml.encode import encode_audio
 from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import load_extracted
+from voxtral_coreml.extract import extract_audio_tower, load_extracted
+from voxtral_coreml.families import family_module
 from voxtral_coreml.features import load_audio
+from voxtral_coreml.formats import FORMATS
 from voxtral_coreml.metrics import compare_embeddings
 from voxtral_coreml.params import compose_params
+from voxtral_coreml.realtime.features import realtime_log_mel
+from voxtral_coreml.realtime.reference import RealtimeReference
+from voxtral_coreml.realtime.stream import stream_mel
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.reference import TransformersReference, processor_features
 
@@ -66,7 +71,7 @@ def test_a_recipe_without_a_core_ai_equivalent_is_refused_when_composed(tmp_path
 
 def test_the_demo_builds_the_core_ai_recipes_these_tests_check() -> None:
     coreai = yaml.safe_load((REPO / "params.yaml").read_text())["pipeline"]["coreai"]
-    assert coreai == {"models": ["demo-mini", "demo-small"], "recipes": DEMO_COREAI_RECIPES}
+    assert coreai == {"models": ["demo-mini", "demo-small", "demo-realtime"], "recipes": DEMO_COREAI_RECIPES}
 
 
 def test_convert_refuses_mixed_before_any_work(checkpoint: Path, tmp_path: Path) -> None:
@@ -182,3 +187,56 @@ def test_an_asset_runs_only_on_apples_runtime(demo_repo: Path) -> None:
     reference = load_reference(demo_repo / "artifacts" / "reference" / "demo-mini" / "reference.safetensors")
     with pytest.raises(VoxtralError, match=r"a Core AI asset runs on the coreai backend \(or auto\), not 'mil'"):
         validate_package(demo_repo / "artifacts" / "coreai" / "demo-mini" / "fp16", reference, 50.0, backend="mil")
+
+
+# Voxtral Realtime ----------------------------------------------------------------------------------------------
+
+REALTIME_MEL_FRAMES = 7040  # 70.4 s of speech: 880 tokens, past the 750-position window (the ring buffer wraps)
+
+
+@pytest.fixture(scope="module")
+def realtime_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """demo-realtime's synthetic checkpoint (conf/model/demo-realtime.yaml's source), in transformers' layout."""
+    root = tmp_path_factory.mktemp("coreai-realtime") / "checkpoint"
+    root.mkdir()
+    source = yaml.safe_load((REPO / "conf" / "model" / "demo-realtime.yaml").read_text())["source"]
+    family_module("realtime").write_synthetic(root, source, "demo-realtime")
+    return root
+
+
+def test_the_realtime_step_as_a_stateful_core_ai_function_matches_transformers_streaming(
+    realtime_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The step's contexts and key/value ring buffers are Core AI states that Apple's runtime keeps between calls;
+    70 s of speech, 4 tokens per call, against transformers' own streaming (float64)."""
+    out = tmp_path / "asset"
+    args = ["--checkpoint", str(realtime_checkpoint), "--format", "coreai", "--streaming", "stateful"]
+    result = cli("convert", *args, "--tokens-per-step", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    asset = out / "VoxtralRealtimeStreaming.aimodel"
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = manifest["streaming"]
+    assert manifest["family"] == "realtime" and info["form"] == "stateful" and info["tokens_per_step"] == 4
+    extract_audio_tower(realtime_checkpoint, tmp_path / "extracted")
+    weights, dims, _ = load_extracted(tmp_path / "extracted")
+    mel = realtime_log_mel(speech(REALTIME_MEL_FRAMES / 100))[None]
+    exact = {name: w.double() for name, w in weights.items()}
+    expected = RealtimeReference(exact, dims).streaming_embeddings(mel.double(), 4).float()
+    with FORMATS["coreai"].step_model("coreai", asset, info) as step:
+        streamed = stream_mel(step, info, mel, str(asset)).embeddings
+    metrics = compare_embeddings(expected, streamed)
+    print(f"Realtime stateful step (Core AI, fp16, k=4) over 70 s vs transformers' streaming: {metrics}")
+    assert streamed.shape == (880, dims.hidden_size) and metrics["psnr_db"] >= 50
+    result = cli("encode", str(write_speech(tmp_path / "speech-2s.wav", 2)), "--package", str(asset), "--stream")
+    assert result.returncode == 0, result.stderr
+    assert "audio_embeddings [25, 96] float32" in result.stdout and "coreai (coreai-core's CPU runtime" in result.stdout
+
+
+def test_core_ai_streams_only_in_the_stateful_form(realtime_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "VoxtralRealtimeStreaming.aimodel"
+    args = ["--checkpoint", str(realtime_checkpoint), "--format", "coreai", "--streaming", "explicit"]
+    result = cli("convert", *args, "--out", str(out))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --streaming explicit: --format coreai streams in the form stateful"
+    )
+    assert not out.parent.exists()

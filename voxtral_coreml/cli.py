@@ -73,8 +73,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
     fmt.check_recipe(recipe)  # before any work
     options = _streaming_options(args)
-    if options and fmt.name != "coreml":
-        raise VoxtralError(f"--streaming: streaming packages are Core ML packages, not --format {fmt.name}")
+    forms = fmt.streaming_forms
+    if options and forms is not None and args.streaming not in forms:
+        raise VoxtralError(f"--streaming {args.streaming}: --format {fmt.name} streams in the form {', '.join(forms)}")
     out = Path(args.out)
     if out.suffix == fmt.suffix:
         refuse_existing(out)

@@ -45,20 +45,31 @@ def load_asset(asset: Path) -> Any:
 
 
 class AssetPredictor:
-    """One loaded asset function, called with numpy arrays by name (the Core ML predictors' interface)."""
+    """One loaded asset function, called with numpy arrays by name (the Core ML predictors' interface); a stateful
+    function as Core ML's stateful models are driven: `make_state()` once per stream, `predict(inputs, state)`."""
 
-    def __init__(self, asset: Path) -> None:
+    def __init__(self, asset: Path, states: tuple[dict, ...] = ()) -> None:
         self._loop = asyncio.new_event_loop()
         self._stack = contextlib.AsyncExitStack()
         model = self._loop.run_until_complete(self._stack.enter_async_context(load_asset(asset).executable()))
         self._function = model.load_function(FUNCTION)
+        self._states = states  # {name, shape, dtype}: what the manifest's `streaming.states` records
 
-    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def make_state(self) -> dict[str, Any]:
+        """A fresh stream's state: zeros, which the runtime updates in place at every call."""
+        from coreai.runtime import NDArray
+
+        return {s["name"]: NDArray(np.zeros(s["shape"], dtype=s["dtype"])) for s in self._states}
+
+    def predict(self, inputs: dict[str, np.ndarray], state: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         from coreai.runtime import NDArray
 
         arrays = {name: NDArray(np.ascontiguousarray(value)) for name, value in inputs.items()}
-        outputs = self._loop.run_until_complete(self._function(arrays))
+        call = self._function(arrays) if state is None else self._function(arrays, state=state)
+        outputs = self._loop.run_until_complete(call)
         return {name: value.numpy() for name, value in outputs.items()}
+
+    __call__ = predict
 
     def close(self) -> None:
         self._loop.run_until_complete(self._stack.aclose())
@@ -66,8 +77,9 @@ class AssetPredictor:
 
 
 @contextlib.contextmanager
-def asset_predictor(asset: Path) -> Iterator[AssetPredictor]:
-    predictor = AssetPredictor(asset)
+def asset_predictor(asset: Path, states: tuple[dict, ...] = ()) -> Iterator[AssetPredictor]:
+    """The asset's function, loaded by Apple's runtime; `states`: a stateful function's (manifest's streaming)."""
+    predictor = AssetPredictor(asset, states)
     try:
         yield predictor
     finally:

@@ -32,7 +32,8 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_path, shown_path
-from .convert import INPUT_NAME, OUTPUT_NAME, infer_variant, io_contract, tree_size, write_manifest
+from .attention import Mask
+from .convert import infer_variant, io_contract, tree_size, write_manifest
 from .errors import VoxtralError
 from .extract import load_extracted
 from .format_recipes import check_recipe_kind
@@ -73,8 +74,8 @@ class Fp32Attention(nn.Module):
         super().__init__()
         self.core = core
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.core(q.float(), k.float(), v.float()).to(q.dtype)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask = None) -> torch.Tensor:
+        return self.core(q.float(), k.float(), v.float(), None if mask is None else mask.float()).to(q.dtype)
 
 
 def check_attention_precision(precision: str) -> None:
@@ -84,10 +85,12 @@ def check_attention_precision(precision: str) -> None:
 
 
 def with_attention_precision(model: nn.Module, precision: str) -> nn.Module:
-    """The encoder with its attention cores computing in `precision` (fp16: as the Core ML packages do)."""
+    """The encoder (any family's: every attention module holds its core as `core`) with its attention cores
+    computing in `precision` (fp16: as the Core ML packages do)."""
     if precision == "fp32":
-        for layer in model.layers:
-            layer.self_attn.core = Fp32Attention(layer.self_attn.core)
+        for module in list(model.modules()):
+            if isinstance(getattr(module, "core", None), nn.Module) and not isinstance(module, Fp32Attention):
+                module.core = Fp32Attention(module.core)
     return model
 
 
@@ -162,6 +165,11 @@ def quiet_coreai() -> Iterator[None]:
         yield
 
 
+def remainder_by_tensor(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """aten.remainder.Scalar, which coreai-torch 0.4.3 does not lower, as the remainder.Tensor it does."""
+    return torch.remainder(x, torch.full((), divisor, dtype=x.dtype))
+
+
 def to_program(
     module: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
@@ -175,8 +183,10 @@ def to_program(
     with quiet_coreai():
         from coreai_torch import TorchConverter, get_decomp_table
 
+        table = get_decomp_table()  # a CustomDecompTable: entries are added in place
+        table[torch.ops.aten.remainder.Scalar] = remainder_by_tensor
         with torch.no_grad():
-            exported = torch.export.export(module, example_inputs).run_decompositions(get_decomp_table())
+            exported = torch.export.export(module, example_inputs).run_decompositions(table)
         converter = TorchConverter(mode=TorchConverter.Mode.RELEASE)  # no stack traces (paths) in the asset
         converter.add_exported_program(
             exported, input_names=list(input_names), output_names=list(output_names), state_names=list(state_names)
@@ -229,6 +239,46 @@ def versions() -> dict[str, str]:
     return packages | {"torch": torch.__version__, "voxtral_coreml": __version__}
 
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
+
+
+def export_encoder(
+    module: nn.Module,
+    contract: dict[str, list[dict]],
+    asset: Path,
+    compression: dict[str, Any],
+    *,
+    attention_precision: str,
+    description: str,
+    state_names: Sequence[str] = (),
+) -> None:
+    """An encoder family's ANE module (fp16 weights) as the asset: I/O names and shapes from `contract` (the same
+    as its Core ML package's), attention cores in `attention_precision`, a failure one error with nothing written."""
+    example = tuple(torch.zeros(io["shape"], dtype=TORCH_DTYPES[io["dtype"]]) for io in contract["inputs"])
+    inputs, outputs = ([io["name"] for io in contract[key]] for key in ("inputs", "outputs"))
+    model = with_attention_precision(module, attention_precision)
+    try:
+        export_asset(model, example, inputs, outputs, asset, compression=compression, state_names=state_names,
+                     description=description)  # fmt: skip
+    except RuntimeError as e:  # coreai's writer and compiler report failures as RuntimeError
+        raise VoxtralError(f"{shown_path(asset)}: Core AI export failed ({e}); nothing was written") from e
+
+
+def asset_manifest(asset: Path, recipe: Recipe, compression: dict[str, Any], contract: dict, **fields: Any) -> dict:
+    """manifest.json of an asset: what every Core AI asset records, then the family's own `fields`."""
+    return {
+        "package": asset.name,
+        "format": "coreai",
+        "recipe": {"name": recipe.name, "kind": recipe.kind, "params": dict(recipe.params)},
+        "compression": compression,
+        **contract,
+        "deployment_target": {"coreai": DEFAULT_TARGET, "ios": MINIMUM_OS, "macos": MINIMUM_OS},
+        **fields,
+        "size_bytes": tree_size(asset),
+        "versions": versions(),
+    }
+
+
 def convert_asset(
     extracted_dir: str | os.PathLike[str],
     asset: str | os.PathLike[str],
@@ -240,7 +290,7 @@ def convert_asset(
     query_chunk: int = 256,
     attention_precision: str = "fp32",
 ) -> dict:
-    """The Voxtral encoder as a Core AI asset at `asset`, `manifest.json` beside it (the Core ML packages' I/O
+    """The Voxtral 2507 encoder as a Core AI asset at `asset`, `manifest.json` beside it (the Core ML packages' I/O
     contract: `mel_spectrogram` [1,128,3000] fp32 -> `audio_embeddings` [1,375,H] fp32); the attention cores compute
     in `attention_precision`, everything else in fp16."""
     started = time.monotonic()
@@ -249,31 +299,15 @@ def convert_asset(
     check_attention_precision(attention_precision)
     weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)  # fp16 weights and compute
     variant = variant or infer_variant(dims)
-    model = with_attention_precision(build_ane_encoder(weights, dims, attention, query_chunk), attention_precision)
     log.info("exporting %s (%s, %d layers) to Core AI with recipe %s", model_name, variant, dims.n_layers, recipe.name)
-    example = torch.zeros(1, dims.n_mels, dims.mel_frames)
+    contract = io_contract(dims)
     description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
-    try:
-        export_asset(model, (example,), [INPUT_NAME], [OUTPUT_NAME], asset, compression=compression,
-                     description=description)  # fmt: skip
-    except RuntimeError as e:  # coreai's writer and compiler report failures as RuntimeError
-        raise VoxtralError(f"{shown_path(asset)}: Core AI export failed ({e}); nothing was written") from e
-    manifest = {
-        "package": asset.name,
-        "format": "coreai",
-        "model": model_name,
-        "variant": variant,
-        "recipe": {"name": recipe.name, "kind": recipe.kind, "params": dict(recipe.params)},
-        "compression": compression,
-        **io_contract(dims),
-        "deployment_target": {"coreai": DEFAULT_TARGET, "ios": MINIMUM_OS, "macos": MINIMUM_OS},
-        "dims": dims.to_json(),
-        "attention": attention,
-        "attention_precision": attention_precision,
-        "weights_sha256": encoder_meta["weights_sha256"],
-        "source": encoder_meta.get("source", {}),
-        "size_bytes": tree_size(asset),
-        "versions": versions(),
-    }
+    export_encoder(build_ane_encoder(weights, dims, attention, query_chunk), contract, asset, compression,
+                   attention_precision=attention_precision, description=description)  # fmt: skip
+    manifest = asset_manifest(
+        asset, recipe, compression, contract, model=model_name, variant=variant, dims=dims.to_json(),
+        attention=attention, attention_precision=attention_precision, weights_sha256=encoder_meta["weights_sha256"],
+        source=encoder_meta.get("source", {}),
+    )  # fmt: skip
     write_manifest(asset, manifest, started)
     return manifest

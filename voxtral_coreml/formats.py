@@ -53,6 +53,9 @@ class ExportFormat:
     check_target: Callable[[Path, dict, dict], None]  # (package, manifest, structure): the target is the program's
     runtime: Callable[[str], str]  # backend -> the runtime it stands for, as `encode` reports it
     run: Callable[[str, Path, torch.Tensor], tuple[torch.Tensor, dict]]  # one window -> embeddings, timings
+    # (backend, package, manifest's streaming entry) -> a streaming step with make_state() and predict(inputs, state)
+    step_model: Callable[[str, Path, dict], contextlib.AbstractContextManager[Any]]
+    streaming_forms: tuple[str, ...] | None  # the Realtime streaming forms it can hold (None: every form)
     options: dict[str, FormatOption] = dataclasses.field(default_factory=dict)  # its own conversion options
 
     def package_name(self, family: ModuleType, variant: str, options: dict | None = None) -> str:
@@ -85,6 +88,12 @@ def _coreml_structure(package: Path) -> dict:
     from .package_info import package_structure
 
     return package_structure(package)
+
+
+def _coreml_step_model(backend: str, package: Path, info: dict) -> contextlib.AbstractContextManager[Any]:
+    from .realtime.stream import load_streaming_model
+
+    return contextlib.nullcontext(load_streaming_model(backend, package))
 
 
 def _coreml_check_target(package: Path, manifest: dict, structure: dict) -> None:
@@ -132,6 +141,12 @@ def _coreai_structure(package: Path) -> dict:
     return asset_structure(package)
 
 
+def _coreai_step_model(backend: str, package: Path, info: dict) -> contextlib.AbstractContextManager[Any]:
+    from .coreai_backend import asset_predictor
+
+    return asset_predictor(package, tuple(info["states"]))
+
+
 def _coreai_check_target(package: Path, manifest: dict, structure: dict) -> None:
     wanted = manifest["deployment_target"]["ios"]
     if structure["minimum_os"] != wanted:
@@ -159,11 +174,12 @@ FORMATS: dict[str, ExportFormat] = {
     "coreml": ExportFormat(
         "coreml", ".mlpackage", "coreml", ("iOS16", "iOS17", "iOS18"), COREML_RUNNERS, _coreml_convert,
         _coreml_backend, _coreml_predictor, _coreml_structure, _coreml_check_target, _coreml_runtime, _coreml_run,
+        _coreml_step_model, None,
     ),
     "coreai": ExportFormat(
         "coreai", ".aimodel", "coreai", ("v27",), ("coreai",), _coreai_convert,
         _coreai_backend, _coreai_predictor, _coreai_structure, _coreai_check_target, _coreai_runtime, _coreai_run,
-        {"attention_precision": ATTENTION_PRECISION},
+        _coreai_step_model, ("stateful",), {"attention_precision": ATTENTION_PRECISION},
     ),
 }  # fmt: skip
 DEFAULT_FORMAT = "coreml"

@@ -1,7 +1,8 @@
 """Export formats: a format's name -> how its packages are written, checked, run and described.
 
     coreml   `.mlpackage` (Core ML, macOS 13 / iOS 16 on): convert.py; run by the MIL runtime or Core ML
-    coreai   `.aimodel` (Core AI, macOS / iOS 27): coreai_export.py; run by Apple's Core AI runtime (coreai-core)
+    coreai   `.aimodel` (Core AI, macOS / iOS 27): coreai_export.py (realtime/coreai.py); run by Apple's Core AI
+             runtime (coreai-core)
 
 Every format shares the encoder's I/O contract and manifest.json; the validation, `encode` and `inspect` find a
 package's format by its name's suffix. A new format is one entry here and its own modules; an encoder family

@@ -73,7 +73,7 @@ def test_variant_comes_from_the_flag_a_known_width_or_the_package_name(
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: cannot tell Mini from Small for projector width 96; pass --variant Mini|Small "
-        "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage"
+        "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage (or .aimodel)"
     )
     assert not (tmp_path / "x.mlpackage").exists()
 

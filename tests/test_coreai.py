@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import REPO, cli, speech, tree_digests, write_speech
+from conftest import DEMO_DIMS, REPO, cli, speech, tree_digests, write_speech
 from voxtral_coreml.cli import recipe_config
 from voxtral_coreml.coreai_backend import load_asset
 from voxtral_coreml.coreai_export import compression_settings, export_asset
@@ -25,12 +25,13 @@ from voxtral_coreml.families import family_module
 from voxtral_coreml.features import load_audio
 from voxtral_coreml.formats import FORMATS
 from voxtral_coreml.metrics import compare_embeddings
+from voxtral_coreml.model import whisper_sinusoids
 from voxtral_coreml.params import compose_params
 from voxtral_coreml.realtime.features import realtime_log_mel
 from voxtral_coreml.realtime.reference import RealtimeReference
 from voxtral_coreml.realtime.stream import stream_mel
 from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.reference import TransformersReference, processor_features
+from voxtral_coreml.reference import TransformersReference, processor_features, reference_config
 
 DEMO_COREAI_RECIPES = ["fp16", "int8", "pal4g"]  # conf/config.yaml's pipeline.coreai.recipes (a test checks)
 
@@ -179,6 +180,31 @@ def test_core_ai_and_core_ml_agree_with_each_other_and_with_transformers(
     }
     print(f"{name}: {pairs} (gate {gate} dB)")
     assert all(m["psnr_db"] >= gate for m in pairs.values()), pairs
+
+
+def test_a_checkpoint_written_by_transformers_converts_and_encodes_70_s(tmp_path: Path) -> None:
+    """transformers' own save_pretrained (demo dims), `convert --format coreai`, then `encode` of 70 s of speech (3
+    windows) by Apple's runtime against that model's get_audio_features."""
+    from transformers import VoxtralForConditionalGeneration
+
+    torch.manual_seed(2)
+    model = VoxtralForConditionalGeneration(reference_config(DEMO_DIMS)).eval()
+    positions = model.model.audio_tower.embed_positions.weight
+    with torch.no_grad():  # a random init holds no sinusoids; a real checkpoint does
+        positions.copy_(whisper_sinusoids(*positions.shape))
+    model.save_pretrained(tmp_path / "checkpoint")
+    asset = tmp_path / "asset" / "VoxtralEncoderMini.aimodel"  # the name says Mini (width 96 does not)
+    result = cli("convert", "--checkpoint", str(tmp_path / "checkpoint"), "--format", "coreai", "--out", str(asset))
+    assert result.returncode == 0, result.stderr
+    audio, out = write_speech(tmp_path / "speech-70s.wav", 70), tmp_path / "embeddings.npy"
+    result = cli("encode", str(audio), "--package", str(asset), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "(3 windows of 30 s)" in result.stdout and "coreai (coreai-core's CPU runtime" in result.stdout
+    with torch.inference_mode():
+        expected = model.get_audio_features(processor_features(load_audio(audio))).pooler_output
+    metrics = compare_embeddings(expected, torch.from_numpy(np.load(out)))
+    print(f"transformers checkpoint, Core AI fp16, 70 s: {metrics}")
+    assert expected.shape == (3 * 375, DEMO_DIMS.hidden_size) and metrics["psnr_db"] >= 45
 
 
 def test_an_asset_runs_only_on_apples_runtime(demo_repo: Path) -> None:

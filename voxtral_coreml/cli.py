@@ -56,7 +56,7 @@ def resolve_variant(flag: str | None, hidden_size: int, out: Path) -> str:
     if not variant:
         raise VoxtralError(
             f"cannot tell Mini from Small for projector width {hidden_size}; pass --variant Mini|Small "
-            "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage"
+            "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage (or .aimodel)"
         )
     if named and named.group(1) != variant:
         raise VoxtralError(f"{out}: names a {named.group(1)} package, but this encoder is {variant}")

@@ -5,8 +5,8 @@
              runtime (coreai-core)
 
 Every format shares the encoder's I/O contract and manifest.json; the validation, `encode` and `inspect` find a
-package's format by its name's suffix. A new format is one entry here and its own modules; an encoder family
-(families.py) exports to Core AI through its own `convert_asset` (a family without one is refused in one line).
+package's format by its name's suffix. A new format is one entry here and its own modules; each encoder family
+(families.py) converts with its own `convert_package` (Core ML) and `convert_asset` (Core AI).
 """
 
 from __future__ import annotations
@@ -119,8 +119,6 @@ def _coreml_run(backend: str, package: Path, mel: torch.Tensor) -> tuple[torch.T
 
 
 def _coreai_convert(family: ModuleType, *args: Any, **kwargs: Any) -> dict:
-    if not hasattr(family, "convert_asset"):
-        raise VoxtralError(f"{family.__name__}: this encoder family has no Core AI export (--format coreai)")
     return family.convert_asset(*args, **kwargs)
 
 

@@ -19,7 +19,7 @@ from voxtral_coreml.atomic import remove_path, write_json_atomic, write_text_ato
 from voxtral_coreml.attention import ATTENTION_CORES
 from voxtral_coreml.backends import COMPUTE_UNITS
 from voxtral_coreml.convert import tree_size
-from voxtral_coreml.paths import ARTIFACTS, checkpoint_dir, extracted_dir, package_dir
+from voxtral_coreml.paths import ARTIFACTS, checkpoint_dir, export_dir, extracted_dir, package_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = (ROOT / ARTIFACTS / "bench").resolve()
@@ -36,6 +36,13 @@ RECIPES = {
     "synthetic-realtime": ("fp16",),
 }
 STREAMING_K = (1, 4)  # tokens per step of the Realtime streaming packages measured
+# Core AI assets: export time, peak RSS and size beside Core ML's. Not validated here: coreai-core's Linux CPU runtime
+# is a reference executor, slow on fp16 (a demo window takes seconds with fp32 attention; a full one was not measured).
+COREAI_RECIPES = {
+    "synthetic-mini": ("fp16", "int8", "pal4g"),
+    "synthetic-small": ("fp16",),
+    "synthetic-realtime": ("fp16",),  # the offline window
+}
 GB = 1024**3
 
 
@@ -102,6 +109,16 @@ def model_benchmarks(model: str, recipes: tuple[str, ...] | None = None) -> dict
         rows[f"convert_{recipe}"] = stage("convert", model, recipe).row()
         rows[f"convert_{recipe}"]["package_gb"] = gb(package_dir(model, recipe))
         rows[f"validate_{recipe}"] = task(f"validate/{model}-{recipe}", "validate", model, "--recipe", recipe).row()
+    rows.update(coreai_benchmarks(model, COREAI_RECIPES[model]))
+    return rows
+
+
+def coreai_benchmarks(model: str, recipes: tuple[str, ...]) -> dict[str, dict]:
+    """The convert-coreai stage per recipe: wall time, peak RSS, bytes read and the asset's size."""
+    rows = {}
+    for recipe in recipes:
+        rows[f"coreai_convert_{recipe}"] = stage("export", "coreai", model, recipe).row()
+        rows[f"coreai_convert_{recipe}"]["asset_gb"] = gb(export_dir("coreai", model, recipe))
     return rows
 
 
@@ -176,6 +193,7 @@ def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attenti
         "psnr_db": {recipe: mini[f"validate_{recipe}"]["psnr_db"] for recipe in RECIPES["synthetic-mini"]},
         "hub_bytes_sent_over_tensor_bytes": extra["hub_fetch"].reported["sent_over_tensor_bytes"],
         "hub_fetch": extra["hub_fetch"].row(),
+        **coreai_summary(mini, COREAI_RECIPES["synthetic-mini"]),
         "models": per_model,
     }
     return summary
@@ -208,6 +226,23 @@ def realtime_summary(per_model: dict[str, dict], streaming: dict[str, dict]) -> 
             streaming[f"mil_step_k{k}"]["step_s"] / streaming[f"reference_step_k{k}"]["step_s"], 3
         )
     return summary
+
+
+def coreai_summary(rows: dict[str, dict], recipes: tuple[str, ...]) -> dict:
+    """Core AI export beside Core ML's conversion (fp16), and each asset's size over its Core ML package's."""
+    coreai, coreml = rows["coreai_convert_fp16"], rows["convert_fp16"]
+    return {
+        "coreai_convert_fp16_s": coreai["wall_s"],
+        "coreai_convert_fp16_peak_rss_gb": coreai["peak_rss_gb"],
+        "coreai_vs_coreml_convert_time": round(coreai["wall_s"] / coreml["wall_s"], 3),
+        "coreai_vs_coreml_convert_rss": round(coreai["peak_rss_gb"] / coreml["peak_rss_gb"], 3),
+        "coreai_asset_gb": {recipe: rows[f"coreai_convert_{recipe}"]["asset_gb"] for recipe in recipes},
+        "coreai_asset_over_coreml_package": {
+            recipe: round(rows[f"coreai_convert_{recipe}"]["asset_gb"] / rows[f"convert_{recipe}"]["package_gb"], 4)
+            for recipe in recipes
+            if f"convert_{recipe}" in rows
+        },
+    }
 
 
 def markdown(summary: dict) -> str:

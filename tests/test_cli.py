@@ -73,7 +73,7 @@ def test_variant_comes_from_the_flag_a_known_width_or_the_package_name(
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: cannot tell Mini from Small for projector width 96; pass --variant Mini|Small "
-        "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage"
+        "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage (or .aimodel)"
     )
     assert not (tmp_path / "x.mlpackage").exists()
 
@@ -116,7 +116,8 @@ def test_version_and_help_list_choices_and_defaults() -> None:
     assert f"(default: {BUILD['attention']})" in help_text and f"(default: {BUILD['query_chunk']})" in help_text
     for choice in ("fused_heads", "split_heads_chunked", "fp16", "int8", "pal4g", "mixed", "mistral", "mlx"):
         assert choice in help_text
-    assert "{auto,mil,coreml}" in " ".join(cli("validate", "--help").stdout.split())
+    assert "{auto,mil,coreml,coreai}" in " ".join(cli("validate", "--help").stdout.split())
+    assert "--format {coreml,coreai}" in help_text and "--attention-precision {fp32,fp16}" in help_text
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ def reduce_pipeline(project: Path, edit: Callable[[dict], None] | None = None) -
     params = yaml.safe_load(params_path.read_text())
     params["pipeline"].update(models=[MODEL], recipes=[RECIPE], mel=[])
     params["pipeline"]["streaming"]["models"] = []
+    params["pipeline"]["coreai"]["models"] = []
     if edit is not None:
         edit(params)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -55,6 +55,24 @@ def test_dvc_metrics_show_lists_every_package(demo_repo: Path) -> None:
     assert mel["psnr_db"] >= mel["gate_db"] == 60.0 and mel["compute_precision"] == "fp32"
 
 
+def test_demo_builds_core_ai_assets_validated_by_apples_runtime(demo_repo: Path) -> None:
+    shown = json.loads(run([DVC, "metrics", "show", "--json"], demo_repo).stdout)
+    files = next(iter(shown.values()))["data"]
+    coreai = yaml.safe_load((demo_repo / "params.yaml").read_text())["pipeline"]["coreai"]
+    recipes = coreai["recipes"]
+    assert coreai["models"] == [*DEMO_H, "demo-realtime"]  # every family: Realtime's offline window too
+    assert "fp16" in recipes and "int8" in recipes and {"pal4g", "pal4", "int4b"} & set(recipes)
+    report = (demo_repo / "artifacts" / "report.md").read_text()
+    assert "## Core AI assets (`.aimodel`, iOS / macOS 27)" in report
+    for model, hidden in {**DEMO_H, "demo-realtime": 96}.items():
+        for recipe in recipes:
+            metrics = files[f"artifacts/metrics/coreai/{model}/{recipe}.json"]["data"]
+            assert metrics["backend"] == "coreai" and metrics["deployment_target"] == "v27"
+            assert metrics["psnr_db"] >= metrics["gate_db"]
+            assert f"| {model} | {recipe} | [1,375,{hidden}] |" in report.split("## Core AI assets")[1]
+        assert files[f"artifacts/metrics/coreai/{model}/fp16.json"]["data"]["psnr_db"] >= 50
+
+
 def test_demo_builds_the_mel_front_end_once_for_all_models(demo_repo: Path) -> None:
     folder = demo_repo / "artifacts" / "mel" / "fp32"
     manifest = json.loads((folder / MANIFEST).read_text())

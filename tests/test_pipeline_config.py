@@ -26,7 +26,7 @@ def test_overrides_compose_like_dvc_exp_run_set_param(tmp_path: Path) -> None:
     other = next(core for core in ATTENTION_CORES if core != default)  # an override that changes something
     compose_params(composed, REPO / "conf", ["pipeline.models=[demo-mini]", f"build.attention={other}"])
     params = load_params(composed)
-    assert params["pipeline"]["models"] == ["demo-mini"]
+    assert params["pipeline"]["models"] == ["demo-mini"] and params["pipeline"]["coreai"]["models"] == ["demo-mini"]
     assert params["build"]["attention"] == other
 
 
@@ -60,6 +60,11 @@ def test_dvc_yaml_outputs_are_the_library_paths() -> None:
         for recipe in pipeline["recipes"]:
             assert outputs[f"convert@{model}-{recipe}"] == [str(paths.package_dir(model, recipe))]
             assert outputs[f"validate@{model}-{recipe}"] == [str(paths.metrics_file(model, recipe))]
+    for model in pipeline["coreai"]["models"]:
+        for recipe in pipeline["coreai"]["recipes"]:
+            assert outputs[f"convert-coreai@{model}-{recipe}"] == [str(paths.export_dir("coreai", model, recipe))]
+            metrics = paths.export_metrics_file("coreai", model, recipe)
+            assert outputs[f"validate-coreai@{model}-{recipe}"] == [str(metrics)]
     for precision in pipeline["mel"]:
         assert outputs[f"mel@{precision}"] == [
             str(paths.mel_package_dir(precision)),

@@ -35,15 +35,19 @@ CLI = [sys.executable, "-m", "voxtral_coreml.cli"]  # run in demo_repo: its copy
 
 
 @pytest.fixture(scope="module")
-def packages(demo_repo: Path) -> dict[str, tuple[str, str]]:
-    """Repository folder (<Variant>/<recipe>) -> (model, recipe), for every package of the demo pipeline."""
+def packages(demo_repo: Path) -> dict[str, Path]:
+    """Repository folder (<Variant>/<recipe>, <Variant>/coreai/<recipe>) -> the pipeline's folder it copies, for
+    every Core ML package and Core AI asset of the demo pipeline."""
     params = load_params(demo_repo / "params.yaml")
-    pipeline = params["pipeline"]
-    return {
-        f"{params['models'][model]['variant']}/{recipe}": (model, recipe)
-        for model in pipeline["models"]
-        for recipe in pipeline["recipes"]
-    }
+    pipeline, artifacts = params["pipeline"], demo_repo / "artifacts"
+    folders = {}
+    for model in pipeline["models"]:
+        variant = params["models"][model]["variant"]
+        folders |= {f"{variant}/{recipe}": artifacts / "packages" / model / recipe for recipe in pipeline["recipes"]}
+        coreai = pipeline["coreai"]["recipes"] if model in pipeline["coreai"]["models"] else []
+        assets = {f"{variant}/coreai/{recipe}": artifacts / "coreai" / model / recipe for recipe in coreai}
+        folders |= assets
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +78,17 @@ def package_files(root: Path, folder: str) -> dict[str, str]:
 
 
 def test_the_repository_holds_each_package_with_its_manifest(
-    assembled: Path, demo_repo: Path, packages: dict[str, tuple[str, str]]
+    assembled: Path, demo_repo: Path, packages: dict[str, Path]
 ) -> None:
     files = set(tree_digests(assembled))
     assert CARD in files
-    for folder, (model, recipe) in packages.items():
+    assert any("/coreai/" in folder for folder in packages)  # Core AI assets beside the Core ML packages
+    for folder, pipeline_folder in packages.items():
         assert f"{folder}/manifest.json" in files
-        package = json.loads((assembled / folder / "manifest.json").read_text())["package"]  # per family
-        assert f"{folder}/{package}/Manifest.json" in files
-        built = tree_digests(demo_repo / "artifacts" / "packages" / model / recipe)
+        package = json.loads((assembled / folder / "manifest.json").read_text())["package"]  # per family and format
+        inside = "main.mlirb" if package.endswith(".aimodel") else "Manifest.json"
+        assert f"{folder}/{package}/{inside}" in files
+        built = tree_digests(pipeline_folder)
         assert {k.removeprefix(f"{folder}/"): v for k, v in package_files(assembled, folder).items()} == built
     mel = package_files(assembled, "MelSpectrogram/fp32")  # the front-end, once for every model
     assert {k.removeprefix("MelSpectrogram/fp32/"): v for k, v in mel.items()} == tree_digests(
@@ -110,13 +116,16 @@ def test_the_model_card(assembled: Path, entries: list[Entry]) -> None:
         shape = ",".join(str(d) for d in entry.manifest["outputs"][0]["shape"])
         row = f"| `{entry.repo_folder}/` | {entry.model} | [{shape}] |"
         assert row in text
-        measured = f"| {m['psnr_db']} | {m['cosine_min']} | {m['max_abs_err']} | mil |"
+        measured = f"| {m['psnr_db']} | {m['cosine_min']} | {m['max_abs_err']} | {m['backend']} |"
         target = entry.manifest["deployment_target"]
-        assert f"| iOS {target['ios']} / macOS {target['macos']} ({target['coreml']}) {measured}" in text
+        assert f"| iOS {target['ios']} / macOS {target['macos']} ({target[entry.format]}) {measured}" in text
+        assert m["backend"] == {"coreml": "mil", "coreai": "coreai"}[entry.format]
         assert f"- `{entry.repo_folder}/`: synthetic random weights (seed {entry.manifest['source']['seed']})" in text
     assert "Synthetic weights are not Voxtral's" in text
     assert "`mil`: this project's MIL runtime on Linux: the package's own program" in text
     assert "(not Core ML itself)" in text
+    assert "`coreai`: Apple's Core AI runtime (coreai-core's CPU runtime on Linux" in text
+    assert 'asset = AIModelAsset.load("Mini/coreai/fp16/VoxtralEncoderMini.aimodel")' in text
     assert "Not measured: the packages running on an Apple device" in text and "latency" in text
     assert f'snapshot_download("{REPO_ID}", allow_patterns=["Mini/fp16/*"])' in text
     assert "xcrun coremlcompiler compile Mini/fp16/VoxtralEncoderMini.mlpackage out/" in text
@@ -163,7 +172,8 @@ def test_upload_through_the_real_client(writable_hub: HubServer, demo_repo: Path
     assert url == f"{hub.endpoint}/{REPO_ID}/commit/{repo.commit}"
     published = tree_digests(repo.root)
     assert published.pop(".gitattributes") and published == tree_digests(assembled)
-    assert sorted(repo.lfs) == sorted(f for f in tree_digests(assembled) if f.endswith((".bin", ".mlmodel")))
+    weights = sorted(f for f in tree_digests(assembled) if f.endswith((".bin", ".mlmodel")))
+    assert sorted(f for f in repo.lfs if ".aimodel/" not in f) == weights  # asset files go as LFS when binary
     [commit] = hub.commits
     assert commit.summary == commit_message(collect_entries(demo_repo))
     assert hub.errors == []

@@ -124,18 +124,21 @@ def test_a_package_without_a_valid_manifest_is_named(tmp_path: Path) -> None:
 # sensitivity-driven mixed LUTs). Rerunning all twenty entries would prove nothing more, at twice the CI time.
 RERUN_MODEL = "demo-mini"
 RERUN_RECIPES = ("fp16", "int8", "pal4g", "mixed")
+RERUN_COREAI = "pal4g"  # a Core AI asset too (k-means included); its validation adds nothing to the bytes
 
 
 def test_a_fresh_clone_reruns_the_demo_to_the_same_dvc_lock(demo_repo: Path, tmp_path: Path) -> None:
     """The proof of reproducibility: no cache, no artifacts, every kind of stage rerun, dvc.lock unchanged."""
     fresh = clone(demo_repo, tmp_path / "fresh")
     targets = [f"validate@{RERUN_MODEL}-{recipe}" for recipe in RERUN_RECIPES] + ["mel@fp32"]
+    targets.append(f"convert-coreai@{RERUN_MODEL}-{RERUN_COREAI}")
     result = run([DVC, "repro", *targets], fresh)
     for stage in ("download", "extract", "build"):
         assert f"Running stage '{stage}@{RERUN_MODEL}'" in result.stdout
     for stage in ("sensitivity", "convert", "validate"):
         assert f"Running stage '{stage}@{RERUN_MODEL}-mixed'" in result.stdout
     assert "Running stage 'mel@fp32'" in result.stdout
+    assert f"Running stage 'convert-coreai@{RERUN_MODEL}-{RERUN_COREAI}'" in result.stdout
     run([*GIT, "diff", "--exit-code", "dvc.lock"], fresh)
 
     rebuilt = output_digests(fresh)

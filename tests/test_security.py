@@ -39,6 +39,7 @@ def _reduce_to_hub_model(project: Path, repo: FakeRepo) -> None:
     params["models"][MODEL] = {"variant": "Mini", "license": "apache-2.0", "source": source}
     params["pipeline"].update(models=[MODEL], recipes=["fp16"], mel=[])
     params["pipeline"]["streaming"]["models"] = []
+    params["pipeline"]["coreai"].update(models=[MODEL], recipes=["fp16"])  # no coreai process unpickles either
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -74,7 +75,8 @@ def secured_run(tmp_path_factory: pytest.TempPathFactory) -> SecuredRun:
 def test_no_process_unpickles_anything(secured_run: SecuredRun) -> None:
     probed = [Path(e["argv"][0]) for e in secured_run.unpickled if e["what"] == "probed" and e["argv"]]
     stages = {p.stem for p in probed if p.parent.name == "stages"}
-    assert stages == {"download", "extract", "build", "sensitivity", "convert", "validate", "report"}
+    core_ml = {"download", "extract", "build", "sensitivity", "convert", "validate", "report"}
+    assert stages == core_ml | {"export", "validate_export"}  # the Core AI export and its validation too
     assert sum(p.name == "cli.py" for p in probed) == 2  # publish and encode
     assert [e for e in secured_run.unpickled if e["what"] != "probed"] == []
 

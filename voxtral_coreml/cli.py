@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .conf import build_settings, recipe_config, recipe_names
+from .conf import build_settings, format_settings, recipe_config, recipe_names
 from .errors import VoxtralError
 from .runner import EXIT_USER_ERROR, run
 
 VARIANTS = ("Mini", "Small")
-VARIANT_IN_NAME = re.compile(r"VoxtralEncoder(Mini|Small)\.mlpackage")
+VARIANT_IN_NAME = re.compile(r"VoxtralEncoder(Mini|Small)\.(mlpackage|aimodel)")
+BACKEND_HELP = "auto: .mlpackage on Core ML on macOS, else mil; .aimodel on coreai"
 
 
 def _extract_to(checkpoint: Path, layout: str, workdir: Path, family: str = "auto") -> Path:
@@ -55,7 +56,7 @@ def resolve_variant(flag: str | None, hidden_size: int, out: Path) -> str:
     if not variant:
         raise VoxtralError(
             f"cannot tell Mini from Small for projector width {hidden_size}; pass --variant Mini|Small "
-            "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage"
+            "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage (or .aimodel)"
         )
     if named and named.group(1) != variant:
         raise VoxtralError(f"{out}: names a {named.group(1)} package, but this encoder is {variant}")
@@ -65,12 +66,18 @@ def resolve_variant(flag: str | None, hidden_size: int, out: Path) -> str:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .dims import read_encoder_json
     from .families import DEFAULT_FAMILY, family_module, family_of
+    from .formats import export_format
     from .recipes import Recipe
 
+    fmt = export_format(args.format)
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
+    fmt.check_recipe(recipe)  # before any work
     options = _streaming_options(args)
+    forms = fmt.streaming_forms
+    if options and forms is not None and args.streaming not in forms:
+        raise VoxtralError(f"--streaming {args.streaming}: --format {fmt.name} streams in the form {', '.join(forms)}")
     out = Path(args.out)
-    if out.suffix == ".mlpackage":
+    if out.suffix == fmt.suffix:
         refuse_existing(out)
     with tempfile.TemporaryDirectory(prefix=".voxtral-", dir=out.parent if out.parent.exists() else None) as tmp:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp), args.family)
@@ -82,9 +89,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
             variant = resolve_variant(args.variant, int(meta["dims"]["hidden_size"]), out)
         else:
             variant = args.variant or family.default_variant(extracted)
-        package = out if out.suffix == ".mlpackage" else out / family.package_name(variant, **options)
+        package = out if out.suffix == fmt.suffix else out / fmt.package_name(family, variant, options)
         refuse_existing(package)
-        manifest = family.convert_package(
+        manifest = fmt.convert(
+            family,
             extracted,
             package,
             recipe,
@@ -93,6 +101,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             attention=args.attention,
             query_chunk=args.query_chunk,
             **options,
+            **{option: getattr(args, option) for option in fmt.options},
         )
     print(f"{package}: {manifest['outputs'][0]['shape']} ({manifest['size_bytes'] / 1e6:.1f} MB)")
 
@@ -158,13 +167,42 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .package_info import ane_report, package_structure
+    from .formats import format_of
     from .validate import find_package
 
     package, manifest = find_package(Path(args.package))
+    INSPECTORS[format_of(package.name).name](package, manifest, args.json)
+
+
+def inspect_asset(package: Path, manifest: dict, as_json: bool) -> None:
+    """A Core AI asset: functions, I/O, size, compression, minimum OS, storage types and op counts."""
+    from .coreai_backend import asset_structure
+
+    structure = asset_structure(package)
+    if as_json:
+        print(json.dumps({"package": str(package), "manifest": manifest, "structure": structure}, indent=2))
+        return
+    print(f"{package}")
+    print(f"  functions: {', '.join(structure['functions'])} ({structure['description'] or 'no description'})")
+    for io in structure["inputs"] + structure["outputs"]:
+        print(f"  {io['name']}: {io['dtype']} {io['shape']}")
+    print(f"  minimum OS: iOS / macOS {structure['minimum_os']}  producer: {structure['producer']}")
+    compression = {k: v for k, v in manifest.get("compression", {}).items() if v is not None}
+    recipe = manifest["recipe"]["name"] if "recipe" in manifest else "none"
+    print(f"  recipe: {recipe} ({', '.join(f'{k} {v}' for k, v in compression.items())})")
+    print(f"  size: {manifest['size_bytes'] / 1e6:.1f} MB")
+    print(f"  weights by storage type: {', '.join(f'{t} {n}' for t, n in structure['storage_types'].items())}")
+    ops = structure["ops"]
+    print(f"  ops: {sum(ops.values())} ({', '.join(f'{op} {n}' for op, n in ops.items())})")
+
+
+def inspect_package(package: Path, manifest: dict, as_json: bool) -> None:
+    """A Core ML package: I/O, target, size, and what decides how well it suits the Neural Engine."""
+    from .package_info import ane_report, package_structure
+
     structure = package_structure(package)
     info = {"package": str(package), "manifest": manifest, "structure": structure, "ane": ane_report(package)}
-    if args.json:
+    if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
     ane = info["ane"]
@@ -181,6 +219,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  layout ops outside attention: {sum(outside.values())} {outside or ''}".rstrip())
     print(f"  ops computing in fp32: {sum(ane['fp32_ops'].values())} {ane['fp32_ops'] or ''}".rstrip())
     print(f"  ops with rank > 4 tensors: {ane['ops_with_rank_over_4']}")
+
+
+INSPECTORS = {"coreml": inspect_package, "coreai": inspect_asset}  # format -> its description
 
 
 def _check_tokens_per_step(args: argparse.Namespace) -> None:
@@ -231,13 +272,19 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     from .attention import ATTENTION_CORES
+    from .formats import DEFAULT_FORMAT, FORMATS
     from .layouts import LAYOUTS
 
     build = build_settings()  # conf/conversion.yaml: the pipeline's own defaults
-    c = sub.add_parser("convert", help="checkpoint directory -> .mlpackage + manifest.json")
+    c = sub.add_parser("convert", help="checkpoint directory -> .mlpackage or .aimodel + manifest.json")
     c.add_argument("--checkpoint", required=True, help="a Voxtral checkpoint directory")
     c.add_argument("--recipe", default="fp16", choices=recipe_names(), help="a recipe of conf/recipe/")
-    c.add_argument("--out", required=True, help="the .mlpackage to write (or a folder for it); never overwritten")
+    c.add_argument(
+        "--format", default=DEFAULT_FORMAT, choices=list(FORMATS), help="coreml: .mlpackage; coreai: .aimodel (OS 27)"
+    )
+    c.add_argument(
+        "--out", required=True, help="the .mlpackage / .aimodel to write (or a folder for it); never overwritten"
+    )
     c.add_argument(
         "--variant",
         choices=VARIANTS,
@@ -260,18 +307,23 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--tokens-per-step", type=int, default=1, help="streaming: tokens (80 ms each) per call (default: 1)"
     )
+    for fmt in FORMATS.values():  # each format's own options, defaults from conf/ (conversion.yaml's <format>:)
+        for option, spec in fmt.options.items():
+            flag = "--" + option.replace("_", "-")
+            default = format_settings(fmt.name)[option]
+            c.add_argument(flag, default=default, choices=spec.choices, help=f"{fmt.name} only: {spec.help}")
     c.set_defaults(func=cmd_convert)
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    from .backends import BACKENDS
+    from .formats import BACKENDS
     from .layouts import LAYOUTS
 
     v = sub.add_parser("validate", help="compare a package's embeddings with transformers")
-    v.add_argument("package", help="the .mlpackage (manifest.json beside it)")
+    v.add_argument("package", help="the .mlpackage or .aimodel (manifest.json beside it)")
     v.add_argument("--checkpoint", required=True, help="the checkpoint it was converted from")
     v.add_argument("--audio", help="wav/flac to validate on (default: built-in speech)")
-    v.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: Core ML on macOS, else mil")
+    v.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
     v.add_argument("--gate", type=float, help="PSNR gate in dB (default: the recipe's)")
     v.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="checkpoint layout (auto: detected)")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -280,19 +332,19 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="describe a package")
-    i.add_argument("package", help="the .mlpackage (manifest.json beside it) or its folder")
+    i.add_argument("package", help="the .mlpackage or .aimodel (manifest.json beside it) or its folder")
     i.add_argument("--json", action="store_true", help="print everything as JSON")
     i.set_defaults(func=cmd_inspect)
 
 
 def _add_encode(sub: argparse._SubParsersAction) -> None:
-    from .backends import BACKENDS
+    from .formats import BACKENDS
 
     e = sub.add_parser("encode", help="audio of any length -> audio embeddings [N*375, H], one call per 30 s window")
     e.add_argument("audio", help="an audio file (wav, flac, ...): averaged to mono, resampled to 16 kHz")
-    e.add_argument("--package", required=True, help="an encoder .mlpackage (manifest.json beside it)")
+    e.add_argument("--package", required=True, help="an encoder .mlpackage or .aimodel (manifest.json beside it)")
     e.add_argument("--out", help="write the embeddings to FILE.npy or FILE.safetensors (default: print a summary)")
-    e.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: Core ML on macOS, else mil")
+    e.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
     e.add_argument(
         "--stream",
         action="store_true",

@@ -55,3 +55,12 @@ def build_settings() -> dict[str, Any]:
     if not isinstance(build, dict) or not {"attention", "query_chunk"} <= set(build):
         raise VoxtralError(f"{path}: 'build' needs 'attention' and 'query_chunk'")
     return build
+
+
+def format_settings(name: str) -> dict[str, Any]:
+    """conf/conversion.yaml's `<format>:` section: an export format's own conversion options (formats.py)."""
+    path = conf_dir() / CONVERSION_FILE
+    settings = read_yaml(path).get(name)
+    if not isinstance(settings, dict):
+        raise VoxtralError(f"{path}: '{name}' must be a mapping of the {name} format's options")
+    return settings

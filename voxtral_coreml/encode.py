@@ -6,6 +6,7 @@ embeddings are the ones transformers would give the language model: `[N * 375, H
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,11 +18,11 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_path
-from .backends import load_predictor, resolve_backend
 from .convert import INPUT_NAME, OUTPUT_NAME
 from .errors import VoxtralError
 from .families import family_module, family_of
 from .features import SAMPLE_RATE, load_audio, log_mel_windows
+from .formats import format_of
 from .safetensors_io import TensorSpec, write_safetensors
 from .validate import find_package
 
@@ -38,6 +39,7 @@ class Encoding:
     load_s: float
     window_s: tuple[float, ...]  # one package call per window (per step for a streaming package)
     call: str = "window of 30 s"  # what one package call covers
+    runtime: str = ""  # which runtime the backend stands for (encode_audio sets it from the package's format)
 
 
 def check_output_path(out: Path) -> None:
@@ -63,11 +65,13 @@ def encode_audio(
     stream: bool = False,
 ) -> Encoding:
     """Load the audio and run it through the package as its family does: 30 s windows for 2507, one window or
-    a stream of 80 ms steps (`stream`) for Realtime."""
+    a stream of 80 ms steps (`stream`) for Realtime; by the runtime of the package's format."""
     package, manifest = encoder_package(Path(package))
-    backend = resolve_backend(backend, "--backend")
+    fmt = format_of(package.name)
+    backend = fmt.resolve_backend(backend, "--backend")
     samples = load_audio(audio)
-    return family_module(family_of(manifest)).encode(samples, package, manifest, backend, stream, progress)
+    encoding = family_module(family_of(manifest)).encode(samples, package, manifest, backend, stream, progress)
+    return dataclasses.replace(encoding, runtime=fmt.runtime(backend))
 
 
 def encode_windows(samples: np.ndarray, package: Path, manifest: dict, backend: str, stream: bool, progress: bool):
@@ -78,14 +82,14 @@ def encode_windows(samples: np.ndarray, package: Path, manifest: dict, backend: 
         check_streaming(package, manifest)  # raises: 2507 packages cannot stream
     windows = log_mel_windows(samples)
     started = time.perf_counter()
-    predict = load_predictor(backend, package)
-    load_s = time.perf_counter() - started
-    chunks, window_s = [], []
-    for window in tqdm(windows, desc=package.name, unit="window", disable=not progress):
-        started = time.perf_counter()
-        output = predict({INPUT_NAME: window[None].numpy()})[OUTPUT_NAME]
-        window_s.append(time.perf_counter() - started)
-        chunks.append(torch.from_numpy(np.asarray(output, dtype=np.float32)).reshape(-1, output.shape[-1]))
+    with format_of(package.name).predictor(backend, package) as predict:
+        load_s = time.perf_counter() - started
+        chunks, window_s = [], []
+        for window in tqdm(windows, desc=package.name, unit="window", disable=not progress):
+            started = time.perf_counter()
+            output = predict({INPUT_NAME: window[None].numpy()})[OUTPUT_NAME]
+            window_s.append(time.perf_counter() - started)
+            chunks.append(torch.from_numpy(np.asarray(output, dtype=np.float32)).reshape(-1, output.shape[-1]))
     return Encoding(torch.cat(chunks), len(samples) / SAMPLE_RATE, backend, load_s, tuple(window_s))
 
 
@@ -110,5 +114,5 @@ def summary(encoding: Encoding) -> str:
     return (
         f"audio_embeddings {list(e.shape)} float32 from {encoding.seconds:.1f} s of audio ({calls}); "
         f"mean {e.mean().item():.4g}, std {e.std().item():.4g}, min {e.min().item():.4g}, max {e.max().item():.4g}; "
-        f"{encoding.backend}: load {encoding.load_s:.2f} s, {per_call:.2f} s per {unit}"
+        f"{encoding.backend} ({encoding.runtime}): load {encoding.load_s:.2f} s, {per_call:.2f} s per {unit}"
     )

@@ -40,6 +40,13 @@ def convert_package(*args, **kwargs):
     return convert_package(*args, **kwargs)
 
 
+def convert_asset(*args, **kwargs):
+    """The Core AI export (formats.py's coreai): the same ANE module as an .aimodel asset."""
+    from .coreai_export import convert_asset
+
+    return convert_asset(*args, **kwargs)
+
+
 def io_contract(dims: EncoderDims, manifest: dict | None = None) -> dict:
     from .convert import io_contract
 

@@ -30,11 +30,16 @@ def compose_params(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from .atomic import atomic_path
+    from .format_recipes import check_pipeline
+
     conf_dir = Path(conf_dir).resolve()
-    try:
-        compose_and_dump(out_file, str(conf_dir), None, CONFIG_NAME, str(conf_dir.parent), overrides or [])
-    except (HydraException, OmegaConfBaseException) as e:
-        raise VoxtralError(f"{conf_dir}: {str(e).splitlines()[0]}") from None
+    with atomic_path(Path(out_file)) as staging:  # the composition, checked, or nothing
+        try:
+            compose_and_dump(staging, str(conf_dir), None, CONFIG_NAME, str(conf_dir.parent), overrides or [])
+        except (HydraException, OmegaConfBaseException) as e:
+            raise VoxtralError(f"{conf_dir}: {str(e).splitlines()[0]}") from None
+        check_pipeline(load_params(staging))
 
 
 def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:

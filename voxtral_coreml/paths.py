@@ -51,6 +51,19 @@ def streaming_metrics_file(model: str, recipe: str, form: str, tokens_per_step: 
     return ARTIFACTS / "metrics" / "streaming" / model / f"{recipe}-{form}-k{tokens_per_step}.json"
 
 
+def export_dir(fmt: str, model: str, recipe: str) -> Path:
+    """A package in an export format other than Core ML's (formats.py), e.g. artifacts/coreai/<model>/<recipe>/."""
+    return ARTIFACTS / fmt / model / recipe
+
+
+def export_metrics_file(fmt: str, model: str, recipe: str) -> Path:
+    return ARTIFACTS / "metrics" / fmt / model / f"{recipe}.json"
+
+
+def export_timings_file(fmt: str, model: str, recipe: str) -> Path:
+    return ARTIFACTS / "timings" / fmt / model / f"{recipe}.json"
+
+
 def mel_package_dir(precision: str) -> Path:
     return ARTIFACTS / "mel" / precision
 

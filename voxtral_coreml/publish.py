@@ -9,6 +9,8 @@ Repository layout, one folder per package (the same folder as artifacts/packages
     README.md                                    model card
     <Variant>/<recipe>/VoxtralEncoder<Variant>.mlpackage/
     <Variant>/<recipe>/manifest.json
+    <Variant>/coreai/<recipe>/VoxtralEncoder<Variant>.aimodel/   Core AI assets (pipeline.coreai), beside them
+    <Variant>/coreai/<recipe>/manifest.json                      (artifacts/coreai/<model>/<recipe>/)
     MelSpectrogram/<precision>/VoxtralMelSpectrogram.mlpackage/  (the mel front-end, for every model)
     MelSpectrogram/<precision>/manifest.json
 
@@ -27,10 +29,11 @@ from . import __version__
 from .atomic import atomic_path
 from .convert import MANIFEST
 from .errors import VoxtralError
+from .formats import format_of
 from .layouts import read_json
 from .markdown import shape_text, table_head, table_row
 from .params import PARAMS_FILE, load_params, lookup
-from .paths import mel_package_dir, metrics_file, package_dir
+from .paths import export_dir, export_metrics_file, mel_package_dir, metrics_file, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,10 @@ BACKEND_MEANING = {
         "PyTorch kernels, every fp16 result rounded to fp16 (not Core ML itself)"
     ),
     "coreml": "Core ML on macOS (CPU and Neural Engine), running the package",
+    "coreai": (
+        "Apple's Core AI runtime (coreai-core's CPU runtime on Linux, the Core AI framework on macOS 27), running "
+        "the asset"
+    ),
 }
 
 
@@ -57,16 +64,19 @@ class Entry:
     folder: Path  # artifacts/packages/<model>/<recipe>: the package and its manifest.json
     manifest: dict
     metrics: dict
+    format: str = "coreml"  # formats.py; other formats publish under <Variant>/<format>/<recipe>/
 
     @property
     def repo_folder(self) -> str:
-        return f"{self.variant}/{self.recipe}"
+        within = "" if self.format == "coreml" else f"{self.format}/"  # Core ML's folders predate other formats
+        return f"{self.variant}/{within}{self.recipe}"
 
 
 def collect_entries(root: Path = Path(".")) -> list[Entry]:
     """Every model x recipe of params.yaml's pipeline, read from root's artifacts/ (one per variant and recipe)."""
     params = load_params(root / PARAMS_FILE)
     pipeline = lookup(params, "pipeline")
+    coreai = pipeline.get("coreai") or {}
     variants = {model: lookup(params, f"models.{model}.variant") for model in pipeline["models"]}
     for variant in sorted(set(variants.values())):
         if len(same := [m for m, v in variants.items() if v == variant]) > 1:
@@ -81,6 +91,11 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
             folder = root / package_dir(model, recipe)
             manifest, metrics = read_json(folder / MANIFEST), read_json(root / metrics_file(model, recipe))
             entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics))
+        for recipe in coreai.get("recipes", []) if model in coreai.get("models", []) else []:
+            folder = root / export_dir("coreai", model, recipe)
+            manifest = read_json(folder / MANIFEST)
+            metrics = read_json(root / export_metrics_file("coreai", model, recipe))
+            entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics, "coreai"))
     if not entries:
         raise VoxtralError(f"{PARAMS_FILE}: pipeline.models or pipeline.recipes is empty; nothing to publish")
     return entries
@@ -157,7 +172,8 @@ def _package_table(entries: list[Entry]) -> list[str]:
     lines = table_head(header)
     for e in entries:
         target, m = e.manifest["deployment_target"], e.metrics
-        os_versions = f"iOS {target['ios']} / macOS {target['macos']} ({target['coreml']})"
+        key = format_of(e.manifest["package"]).target_key
+        os_versions = f"iOS {target['ios']} / macOS {target['macos']} ({target[key]})"
         shape = shape_text(e.manifest["outputs"][0]["shape"])
         cells = [f"`{e.repo_folder}/`", e.model, shape, f"{e.manifest['size_bytes'] / 1e6:.1f}", os_versions]
         lines.append(table_row([*cells, m["psnr_db"], m["cosine_min"], m["max_abs_err"], m["backend"]]))
@@ -297,8 +313,37 @@ def render_card(entries: list[Entry], repo_id: str, mel_folders: list[str] | Non
             f'let embeddings = output.featureValue(for: "{first.manifest["outputs"][0]["name"]}")!.multiArrayValue!',
             "```",
             "",
+            *_coreai_section(entries),
         ]
     )
+
+
+def _coreai_section(entries: list[Entry]) -> list[str]:
+    """How to use the Core AI assets, if any were published."""
+    assets = [e for e in entries if e.format == "coreai"]
+    if not assets:
+        return []
+    first = assets[0]
+    return [
+        "## Core AI assets (iOS / macOS 27)",
+        "",
+        "The `<Variant>/coreai/<recipe>/` folders hold the same encoder as Core AI `.aimodel` assets (coreai-torch,",
+        "compressed with coreai-opt), with the same input and output. They need iOS / macOS 27. In Python",
+        "(coreai-core; on Linux it runs a CPU runtime):",
+        "",
+        "```python",
+        "import asyncio",
+        "from coreai.authoring import AIModelAsset",
+        "from coreai.runtime import NDArray",
+        "",
+        f'asset = AIModelAsset.load("{first.repo_folder}/{first.manifest["package"]}")',
+        "async def encode(mel):  # float32 [1, 128, 3000]",
+        "    async with asset.executable() as model:",
+        '        outputs = await model.load_function("main")({"mel_spectrogram": NDArray(mel)})',
+        '        return outputs["audio_embeddings"].numpy()',
+        "```",
+        "",
+    ]
 
 
 def assemble_repository(

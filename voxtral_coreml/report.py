@@ -3,6 +3,7 @@ package size vs accuracy per model (table, PNG, plot data), for the pipeline alo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import write_text_atomic
@@ -10,6 +11,7 @@ from .errors import read_json
 from .markdown import shape_text, table_head, table_row
 from .paths import (
     ARTIFACTS,
+    export_metrics_file,
     mel_metrics_file,
     metrics_file,
     parity_file,
@@ -24,13 +26,15 @@ from .stable import FLOAT64_RESOLUTION_DB
 from .tradeoff import Point, collect_points, pipeline_points, tradeoff_table, write_chart, write_plot_data
 
 
-def package_table(models: list[str], recipes: list[str]) -> list[str]:
+def package_table(
+    models: list[str], recipes: list[str], metrics_path: Callable[[str, str], Path] = metrics_file
+) -> list[str]:
     header = ["model", "recipe", "output", "size (MB)", "target", "backend", "PSNR vs transformers (dB)"]
     header += ["cosine min", "max abs err", "PSNR vs ANE module (dB)", "gate (dB)"]
     lines = table_head(header)
     for model in models:
         for recipe in recipes:
-            m = read_json(metrics_file(model, recipe))
+            m = read_json(metrics_path(model, recipe))
             size_mb = f"{m['size_bytes'] / 1e6:.1f}"
             cells = [model, recipe, shape_text(m["output_shape"]), size_mb, m["deployment_target"], m["backend"]]
             cells += [m["psnr_db"], m["cosine_min"], m["max_abs_err"], m["vs_ane_module"]["psnr_db"], m["gate_db"]]
@@ -96,6 +100,22 @@ def streaming_section(streaming: dict | None) -> list[str]:
     ]
 
 
+def coreai_section(models: list[str], recipes: list[str]) -> list[str]:
+    """The Core AI assets, if the pipeline builds any: the same table, run by Apple's Core AI runtime."""
+    if not models or not recipes:
+        return []
+    lines = package_table(models, recipes, lambda model, recipe: export_metrics_file("coreai", model, recipe))
+    return [
+        "## Core AI assets (`.aimodel`, iOS / macOS 27)",
+        "",
+        "The same module and I/O contract as the Core ML packages, exported with coreai-torch and compressed with",
+        "coreai-opt; run by Apple's Core AI runtime (coreai-core: its CPU runtime on Linux), same reference and gates.",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def tradeoff_section(points: list[Point]) -> list[str]:
     chart = tradeoff_chart_file(Path("."))  # the report's folder holds the chart
     return [
@@ -112,7 +132,12 @@ def tradeoff_section(points: list[Point]) -> list[str]:
 
 
 def render_report(
-    models: list[str], recipes: list[str], mel_precisions: list[str], points: list[Point], streaming: dict | None = None
+    models: list[str],
+    recipes: list[str],
+    mel_precisions: list[str],
+    points: list[Point],
+    streaming: dict | None = None,
+    coreai: dict | None = None,
 ) -> str:
     """The report stage's: every pipeline package, the ANE module's parity, the mel packages, the trade-off."""
     return "\n".join(
@@ -132,6 +157,7 @@ def render_report(
             "",
             *mel_section(mel_precisions),
             *streaming_section(streaming),
+            *coreai_section((coreai or {}).get("models", []), (coreai or {}).get("recipes", [])),
             *tradeoff_section(points),
         ]
     )
@@ -162,7 +188,8 @@ def write_pipeline_report(pipeline: dict) -> str:
     """The report stage's outputs, from the pipeline's packages only: a DVC output follows from its deps alone,
     so dvc.lock stays the same whatever sweeps ran on this machine."""
     points = pipeline_points(pipeline["models"], pipeline["recipes"])
-    text = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"], points, pipeline.get("streaming"))
+    streaming, coreai = pipeline.get("streaming"), pipeline.get("coreai")
+    text = render_report(pipeline["models"], pipeline["recipes"], pipeline["mel"], points, streaming, coreai)
     _write_report(ARTIFACTS, text, points)
     return text
 

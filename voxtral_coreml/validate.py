@@ -12,14 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .backends import resolve_backend, run_package
 from .convert import MANIFEST
 from .errors import VoxtralError
 from .families import family_module, family_of
+from .formats import FORMATS, SUFFIXES, format_of
 from .layouts import read_json
 from .metrics import compare_embeddings
-from .package_info import SPEC_VERSION, package_structure
-from .recipes import TARGETS
 from .safetensors_io import read_header, read_tensor
 
 log = logging.getLogger(__name__)
@@ -46,15 +44,18 @@ def read_manifest(path: Path) -> dict:
     manifest = read_json(path)
     name = manifest.get("package")
     # A plain name: the package must be beside its manifest, never somewhere a hostile manifest points to.
-    if not isinstance(name, str) or Path(name).name != name or "\\" in name or not name.endswith(".mlpackage"):
-        raise VoxtralError(f"{path}: 'package' is {name!r}, expected the name of an .mlpackage beside it")
+    fmt = format_of(name) if isinstance(name, str) else None
+    if fmt is None or Path(name).name != name or "\\" in name:
+        kinds = " or ".join(f"an {f.suffix}" for f in FORMATS.values())
+        raise VoxtralError(f"{path}: 'package' is {name!r}, expected the name of {kinds} beside it")
     for key in ("inputs", "outputs"):
         if not isinstance(manifest.get(key), list) or not all(map(_is_io, manifest[key])):
             raise VoxtralError(f"{path}: '{key}' must be a list of {{name, shape, dtype}} objects")
     target = manifest.get("deployment_target")
-    if not isinstance(target, dict) or not isinstance(target.get("coreml"), str) or target["coreml"] not in TARGETS:
-        found = target.get("coreml") if isinstance(target, dict) else target
-        raise VoxtralError(f"{path}: unknown deployment target {found!r}; expected one of {', '.join(TARGETS)}")
+    key = fmt.target_key
+    if not isinstance(target, dict) or not isinstance(target.get(key), str) or target[key] not in fmt.targets:
+        found = target.get(key) if isinstance(target, dict) else target
+        raise VoxtralError(f"{path}: unknown deployment target {found!r}; expected one of {', '.join(fmt.targets)}")
     if not all(isinstance(target.get(os_name), str) for os_name in ("ios", "macos")):
         raise VoxtralError(f"{path}: deployment_target needs the 'ios' and 'macos' versions")
     size = manifest.get("size_bytes")
@@ -69,8 +70,8 @@ def read_manifest(path: Path) -> dict:
 
 
 def find_package(package_dir: Path) -> tuple[Path, dict]:
-    """A package folder (holding manifest.json) or the .mlpackage itself -> (package, manifest)."""
-    folder = package_dir.parent if package_dir.suffix == ".mlpackage" else package_dir
+    """A package folder (holding manifest.json) or the package itself (.mlpackage, .aimodel) -> (package, manifest)."""
+    folder = package_dir.parent if package_dir.suffix in SUFFIXES else package_dir
     manifest = read_manifest(folder / MANIFEST)
     package = folder / manifest["package"]
     if not package.is_dir():
@@ -79,16 +80,11 @@ def find_package(package_dir: Path) -> tuple[Path, dict]:
 
 
 def check_structure(package: Path, manifest: dict, structure: dict, contract: dict) -> None:
-    """The package's I/O is the contract, and its spec version is its deployment target's."""
+    """The package's I/O is the contract, and its program is for its deployment target."""
     for key in ("inputs", "outputs"):
         if structure[key] != contract[key]:
             raise VoxtralError(f"{package}: {key} are {structure[key]}, the contract is {contract[key]}")
-    target = manifest["deployment_target"]["coreml"]  # read_manifest checked it
-    if structure["spec_version"] != SPEC_VERSION[target]:
-        raise VoxtralError(
-            f"{package}: spec version {structure['spec_version']} does not match target {target} "
-            f"(expects {SPEC_VERSION[target]})"
-        )
+    format_of(package.name).check_target(package, manifest, structure)
 
 
 def validate_package(
@@ -105,13 +101,14 @@ def validate_package(
     Metrics depend only on the package and the reference, so rebuilds reproduce them byte for byte; timings
     depend on the machine and are kept apart. A sweep measures points below the gate too: `enforce_gate=False`."""
     package, manifest = find_package(Path(package_dir))
-    structure = package_structure(package)
+    fmt = format_of(package.name)
+    structure = fmt.structure(package)
     family = family_module(family_of(manifest))
     dims = family.dims_from_json(manifest.get("dims", {}), f"{package.parent / MANIFEST}: dims")
     check_structure(package, manifest, structure, family.io_contract(dims, manifest))
-    backend = resolve_backend(backend)
+    backend = fmt.resolve_backend(backend, "validation.backend")
     log.info("validating %s with the %s backend", package, backend)
-    embeddings, timings = run_package(backend, package, reference["mel"])
+    embeddings, timings = fmt.run(backend, package, reference["mel"])
     embeddings = embeddings.reshape(reference["transformers"].shape).float()
     nonfinite = (~torch.isfinite(embeddings)).sum().item()
     if nonfinite:
@@ -122,7 +119,7 @@ def validate_package(
         "backend": backend,
         "gate_db": gate_db,
         "size_bytes": manifest.get("size_bytes"),
-        "deployment_target": manifest["deployment_target"]["coreml"],
+        "deployment_target": manifest["deployment_target"][fmt.target_key],
         "output_shape": structure["outputs"][0]["shape"],
         "ops_total": sum(structure["ops"].values()),
     }

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends import load_predictor
 from ..convert import INPUT_NAME, OUTPUT_NAME
 from ..errors import VoxtralError
+from ..formats import format_of
 from .features import SAMPLES_PER_TOKEN, StreamingLogMel, realtime_log_mel
-from .stream import Streamer, check_streaming, load_streaming_model
+from .stream import Streamer, check_streaming
 
 MICROPHONE_PIECE = SAMPLES_PER_TOKEN  # the CLI's simulated microphone delivers 80 ms at a time
 
@@ -48,24 +48,30 @@ def encode_offline(samples: np.ndarray, package: Path, manifest: dict, backend: 
     window[: len(samples)] = samples
     mel = realtime_log_mel(window)[None]
     started = time.perf_counter()
-    predict = load_predictor(backend, package)
-    load_s = time.perf_counter() - started
-    started = time.perf_counter()
-    out = np.asarray(predict({INPUT_NAME: mel.numpy()})[OUTPUT_NAME], dtype=np.float32)
-    call_s = time.perf_counter() - started
+    with format_of(package.name).predictor(backend, package) as predict:
+        load_s = time.perf_counter() - started
+        started = time.perf_counter()
+        out = np.asarray(predict({INPUT_NAME: mel.numpy()})[OUTPUT_NAME], dtype=np.float32)
+        call_s = time.perf_counter() - started
     return torch.from_numpy(out.reshape(-1, out.shape[-1])[:n_tokens].copy()), load_s, (call_s,)
 
 
 def encode_streaming(samples: np.ndarray, package: Path, manifest: dict, backend: str, progress=None):
     """(embeddings [N, H], load_s, per-step seconds) feeding the clip 80 ms at a time through the step package."""
     info = check_streaming(package, manifest)
-    k = info["tokens_per_step"]
     n_tokens = tokens_of(len(samples))
-    audio = padded(samples, k * SAMPLES_PER_TOKEN)  # the stream ends in silence up to a whole step
+    audio = padded(samples, info["tokens_per_step"] * SAMPLES_PER_TOKEN)  # the stream ends in silence to a step
     started = time.perf_counter()
-    streamer = Streamer(load_streaming_model(backend, package), info, str(package))
-    load_s = time.perf_counter() - started
-    features = StreamingLogMel(tokens_per_chunk=k)
+    with format_of(package.name).step_model(backend, package, info) as model:
+        streamer = Streamer(model, info, str(package))
+        load_s = time.perf_counter() - started
+        rows, step_s = feed_microphone(streamer, audio, progress)
+    return torch.from_numpy(np.concatenate(rows)[:n_tokens].copy()), load_s, tuple(step_s)
+
+
+def feed_microphone(streamer: Streamer, audio: np.ndarray, progress=None) -> tuple[list[np.ndarray], list[float]]:
+    """The audio in 80 ms pieces as a microphone delivers it: features computed incrementally, a step per chunk."""
+    features = StreamingLogMel(tokens_per_chunk=streamer.info["tokens_per_step"])
     rows, step_s = [], []
 
     def run(chunks: list[torch.Tensor]) -> None:
@@ -78,5 +84,5 @@ def encode_streaming(samples: np.ndarray, package: Path, manifest: dict, backend
 
     for start in range(0, len(audio), MICROPHONE_PIECE):
         run(features.push(audio[start : start + MICROPHONE_PIECE]))
-    run([c for c in features.flush() if c.shape[-1] == info["mel_frames_per_step"]])
-    return torch.from_numpy(np.concatenate(rows)[:n_tokens].copy()), load_s, tuple(step_s)
+    run([c for c in features.flush() if c.shape[-1] == streamer.info["mel_frames_per_step"]])
+    return rows, step_s

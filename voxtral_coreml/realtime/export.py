@@ -192,6 +192,14 @@ def streaming_info(dims: RealtimeDims, form: str, tokens_per_step: int) -> dict[
     }
 
 
+def feeding() -> dict[str, object]:
+    """How an app feeds any Realtime package (manifest.json, every format): tokens per second and the features."""
+    return {
+        "tokens_per_second": 1000 // (MEL_FRAMES_PER_TOKEN * HOP_LENGTH * 1000 // SAMPLE_RATE),
+        "features": {"kind": "voxtral_realtime", "global_log_mel_max": 1.5, "padding": "none (no 30 s windows)"},
+    }
+
+
 def convert_package(
     extracted_dir: str | os.PathLike[str],
     package: str | os.PathLike[str],
@@ -252,8 +260,7 @@ def convert_package(
         "dims": dims.to_json(),
         "attention": attention,
         "query_chunk": query_chunk,
-        "tokens_per_second": 1000 // (MEL_FRAMES_PER_TOKEN * HOP_LENGTH * 1000 // SAMPLE_RATE),
-        "features": {"kind": "voxtral_realtime", "global_log_mel_max": 1.5, "padding": "none (no 30 s windows)"},
+        **feeding(),
         "weights_sha256": encoder_meta["weights_sha256"],
         "source": encoder_meta.get("source", {}),
         "size_bytes": tree_size(package),

@@ -106,6 +106,13 @@ def convert_package(*args, **kwargs):
     return convert_package(*args, **kwargs)
 
 
+def convert_asset(*args, **kwargs):
+    """The Core AI export (formats.py's coreai): the offline window, or the step as a stateful function."""
+    from .coreai import convert_asset
+
+    return convert_asset(*args, **kwargs)
+
+
 def encode(samples, package: Path, manifest: dict, backend: str, stream: bool, progress: bool):
     """Realtime audio -> Encoding: the offline window, or (`stream`) the streaming package step by step."""
     from ..encode import Encoding

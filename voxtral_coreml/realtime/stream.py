@@ -15,6 +15,7 @@ import torch
 
 from ..convert import OUTPUT_NAME
 from ..errors import VoxtralError
+from ..formats import format_of
 from .dims import STREAM_CHECK_FRAMES
 from .export import CHUNK_NAME, NEXT_PREFIX, POSITION_NAME, STATE_NAMES
 from .rope import MAX_TOKENS
@@ -106,7 +107,6 @@ def load_streaming_model(backend: str, package: Path):
 def validate_streaming(package_dir, extracted_dir, gate_db: float, backend: str, audio=None) -> dict[str, object]:
     """Stream the validation clip through the package, tokens_per_step at a time, and compare with transformers'
     own streaming (`get_audio_features` with `padding_cache` and `cache`, fed the same chunks)."""
-    from ..backends import resolve_backend
     from ..extract import load_extracted
     from ..metrics import compare_embeddings
     from ..stable import float64
@@ -116,19 +116,21 @@ def validate_streaming(package_dir, extracted_dir, gate_db: float, backend: str,
 
     package, manifest = find_package(Path(package_dir))
     info = check_streaming(package, manifest)
-    backend = resolve_backend(backend)
+    fmt = format_of(package.name)
+    backend = fmt.resolve_backend(backend, "validation.backend")
     weights, dims, _ = load_extracted(extracted_dir)
     weights = {name: float64(w) for name, w in weights.items()}  # the same numbers on any machine (stable.py)
     step = info["mel_frames_per_step"]
     mel = speech_window(STREAM_CHECK_FRAMES // step * step, audio)
     expected = RealtimeReference(weights, dims).streaming_embeddings(float64(mel), info["tokens_per_step"]).float()
-    stream = stream_mel(load_streaming_model(backend, package), info, mel, str(package))
+    with fmt.step_model(backend, package, info) as model:
+        stream = stream_mel(model, info, mel, str(package))
     metrics: dict[str, object] = {
         **compare_embeddings(expected, stream.embeddings),
         "backend": backend,
         "gate_db": gate_db,
         "size_bytes": manifest["size_bytes"],
-        "deployment_target": manifest["deployment_target"]["coreml"],
+        "deployment_target": manifest["deployment_target"][fmt.target_key],
         "form": info["form"],
         "tokens_per_step": info["tokens_per_step"],
         "state_bytes": info["state_bytes"],

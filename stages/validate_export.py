@@ -1,0 +1,28 @@
+"""validate-<format>@<model>-<recipe>: run a package of another export format with its own runtime, compare
+with transformers, write DVC metrics."""
+
+from voxtral_coreml.atomic import write_json_atomic
+from voxtral_coreml.params import load_params, lookup
+from voxtral_coreml.paths import export_dir, export_metrics_file, export_timings_file, reference_file
+from voxtral_coreml.runner import run, stage_args
+from voxtral_coreml.validate import load_reference, validate_package
+
+
+def main() -> None:
+    args = stage_args(__doc__, "format", "model", "recipe")
+    params = load_params()
+    metrics, timings = validate_package(
+        export_dir(args.format, args.model, args.recipe),
+        load_reference(reference_file(args.model)),
+        float(lookup(params, f"recipes.{args.recipe}.psnr_gate_db")),
+        backend="auto",  # the format's own runtime
+    )
+    where = f"{args.format}/{args.model}/{args.recipe}"
+    print(f"{where}: PSNR {metrics['psnr_db']} dB vs transformers ({metrics['backend']}), {timings}")
+    record = {"format": args.format, "model": args.model, "recipe": args.recipe, **metrics}
+    write_json_atomic(export_metrics_file(args.format, args.model, args.recipe), record)
+    write_json_atomic(export_timings_file(args.format, args.model, args.recipe), timings)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -45,22 +45,26 @@ def check_output_path(out: Path) -> None:
         raise VoxtralError(f"{out}: unknown output format {suffix!r}; use {' or '.join(OUTPUT_FORMATS)}")
 
 
-def encoder_package(path: Path) -> Path:
+def encoder_package(path: Path) -> tuple[Path, int]:
+    """(the package, its mel bins): the features follow the package's input, [1, n_mels, 3000]."""
     package, manifest = find_package(path)
     outputs = [o.get("name") for o in manifest.get("outputs", [])]
     if outputs != [OUTPUT_NAME]:
         raise VoxtralError(f"{package}: not an encoder package (outputs {outputs}, expected ['{OUTPUT_NAME}'])")
-    return package
+    inputs = manifest["inputs"]  # read_manifest checked each is {name, shape, dtype}
+    if len(inputs) != 1 or inputs[0]["name"] != INPUT_NAME or len(inputs[0]["shape"]) != 3:
+        raise VoxtralError(f"{package}: inputs {inputs} are not one '{INPUT_NAME}' [1, n_mels, frames]")
+    return package, inputs[0]["shape"][1]
 
 
 def encode_audio(
     audio: str | os.PathLike[str], package: str | os.PathLike[str], backend: str = "auto", progress: bool = True
 ) -> Encoding:
     """Load the audio, cut its log-mel into 30 s windows and run each through the package."""
-    package = encoder_package(Path(package))
+    package, n_mels = encoder_package(Path(package))
     backend = resolve_backend(backend, "--backend")
     samples = load_audio(audio)
-    windows = log_mel_windows(samples)
+    windows = log_mel_windows(samples, n_mels)
     started = time.perf_counter()
     predict = load_predictor(backend, package)
     load_s = time.perf_counter() - started

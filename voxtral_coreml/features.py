@@ -1,7 +1,8 @@
 """Voxtral's log-mel features: WhisperFeatureExtractor's math as VoxtralProcessor applies it.
 
 The clip is zero-padded to a multiple of 30 s, one STFT runs over the whole clip, the log floor
-(max - 8) uses the maximum of the whole clip, and only then is it cut into [N, 128, 3000] windows.
+(max - 8) uses the maximum of the whole clip, and only then is it cut into [N, n_mels, 3000] windows.
+The number of mel bins is the checkpoint's (`EncoderDims.n_mels`: 128 for Voxtral, 80 for Whisper base).
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 @functools.cache
-def mel_filters() -> torch.Tensor:
-    """[201, 128] Slaney-normalized mel filters, the ones WhisperFeatureExtractor builds."""
+def mel_filters(n_mels: int = MEL_BINS) -> torch.Tensor:
+    """[201, n_mels] Slaney-normalized mel filters, the ones WhisperFeatureExtractor builds."""
     from transformers.audio_utils import mel_filter_bank
 
     bank = mel_filter_bank(
         num_frequency_bins=1 + N_FFT // 2,
-        num_mel_filters=MEL_BINS,
+        num_mel_filters=n_mels,
         min_frequency=0.0,
         max_frequency=8000.0,
         sampling_rate=SAMPLE_RATE,
@@ -85,18 +86,18 @@ def normalized_log_mel(mel_power: torch.Tensor) -> torch.Tensor:
     return (log_spec + 4.0) / 4.0
 
 
-def log_mel_windows(audio: np.ndarray) -> torch.Tensor:
-    """Mono 16 kHz samples -> [N, 128, 3000] normalized log-mel windows."""
+def log_mel_windows(audio: np.ndarray, n_mels: int = MEL_BINS) -> torch.Tensor:
+    """Mono 16 kHz samples -> [N, n_mels, 3000] normalized log-mel windows."""
     n_windows = max(1, -(-len(audio) // WINDOW_SAMPLES))
     padded = np.zeros(n_windows * WINDOW_SAMPLES, dtype=np.float32)
     padded[: len(audio)] = audio
     waveform = torch.from_numpy(padded)
     stft = torch.stft(waveform, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
     power = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as Whisper does
-    log_spec = normalized_log_mel(mel_filters().T @ power)  # the floor: whole-clip maximum
-    return log_spec.reshape(MEL_BINS, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
+    log_spec = normalized_log_mel(mel_filters(n_mels).T @ power)  # the floor: whole-clip maximum
+    return log_spec.reshape(n_mels, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
 
 
-def speech_mel(audio_path: str | os.PathLike[str] | None = None) -> torch.Tensor:
-    """The first 30 s window of a clip (the built-in speech when None): [1, 128, 3000]."""
-    return log_mel_windows(load_audio(audio_path or builtin_speech_clip()))[:1]
+def speech_mel(audio_path: str | os.PathLike[str] | None = None, n_mels: int = MEL_BINS) -> torch.Tensor:
+    """The first 30 s window of a clip (the built-in speech when None): [1, n_mels, 3000]."""
+    return log_mel_windows(load_audio(audio_path or builtin_speech_clip()), n_mels)[:1]

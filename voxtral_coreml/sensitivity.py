@@ -56,7 +56,7 @@ def calibration_encoder(
     weights = {n: w.to(torch.float16).float() for n, w in weights.items()}
     if POSITIONS_KEY in weights:
         weights[POSITIONS_KEY] = weights[POSITIONS_KEY][: short.n_positions]
-    mel = speech_mel(audio)[..., :frames].contiguous()
+    mel = speech_mel(audio, dims.n_mels)[..., :frames].contiguous()
     return build_ane_encoder(weights, short, SIM_ATTENTION), mel
 
 

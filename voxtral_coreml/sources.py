@@ -4,6 +4,8 @@
 - local: a directory the user already has; recorded by path and a fingerprint (sizes and mtimes), so a
   checkpoint changed in place after download is caught by extract instead of silently converted.
 - hub: the Hugging Face Hub: only the audio tensors' byte ranges are fetched (see hub.py).
+- whisper-ct2: a trained Whisper encoder (a CTranslate2 model.bin from installed packages) in the HF layout, with a
+  seeded projector to `hidden_size` (see whisper_ct2.py): trained weights for measuring compression.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from .synthetic import LanguageModelShape, write_synthetic_checkpoint
 log = logging.getLogger(__name__)
 
 SOURCE_JSON = "source.json"
-SOURCE_KINDS = ("synthetic", "local", "hub")
+SOURCE_KINDS = ("synthetic", "local", "hub", "whisper-ct2")
 # What manifests may carry about a source: no local paths, no per-file details.
-PUBLIC_SOURCE_KEYS = ("kind", "model", "seed", "name", "repo_id", "revision", "commit", "layout")
+PUBLIC_SOURCE_KEYS = ("kind", "model", "seed", "name", "repo_id", "revision", "commit", "layout", "packages")
 
 
 def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
@@ -45,6 +47,18 @@ def synthetic_dims(cfg: dict[str, Any], where: str) -> EncoderDims:
         )
     except KeyError as e:
         raise VoxtralError(f"{where}.dims: missing {e}") from None
+
+
+def _write_whisper(model: str, source: dict[str, Any], where: str, staging: Path) -> dict[str, Any]:
+    from .whisper_ct2 import installed_parts, write_whisper_checkpoint
+
+    packages = _require(source, "packages", where)
+    if not isinstance(packages, list) or not packages or not all(isinstance(p, str) for p in packages):
+        raise VoxtralError(f"{where}.packages: expected a list of package names, got {packages!r}")
+    seed, hidden = int(_require(source, "seed", where)), int(_require(source, "hidden_size", where))
+    dims = write_whisper_checkpoint(staging, installed_parts(packages), hidden, seed)
+    log.info("trained Whisper encoder %s from %s (%d layers, d_model %d)", model, packages, dims.n_layers, dims.d_model)
+    return {"kind": "whisper-ct2", "model": model, "seed": seed, "packages": packages}
 
 
 def fingerprint(root: Path) -> dict[str, list[int]]:
@@ -72,6 +86,8 @@ def materialize_checkpoint(model: str, source: dict[str, Any], out_dir: str | os
             log.info("generating synthetic checkpoint %s (%d layers, d_model %d)", model, dims.n_layers, dims.d_model)
             write_synthetic_checkpoint(staging, dims, lm, seed=int(_require(source, "seed", where)))
             info = {"kind": "synthetic", "model": model, "seed": source["seed"]}
+        elif kind == "whisper-ct2":
+            info = _write_whisper(model, source, where, staging)
         else:
             root = Path(_require(source, "path", where)).expanduser().resolve()
             open_layout(root, source.get("layout", "auto")).dims()  # fail now, with the layout's message

@@ -32,6 +32,7 @@ from voxtral_coreml.model import VoxtralEncoderANE, build_ane_encoder
 from voxtral_coreml.package_info import SPEC_VERSION, package_structure
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.safetensors_io import TensorSpec, write_safetensors
+from voxtral_coreml.torch_compress import TORCH_KINDS
 from voxtral_coreml.sensitivity import (
     DEFAULT_FRAMES,
     _stages,
@@ -42,7 +43,12 @@ from voxtral_coreml.sensitivity import (
     scan_sensitivity,
 )
 
-RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
+# Recipes compressing the converted program (the torch-side kinds: test_calibrated.py).
+RECIPES = sorted(
+    p.stem
+    for p in (REPO / "conf" / "recipe").glob("*.yaml")
+    if yaml.safe_load(p.read_text())["kind"] not in TORCH_KINDS
+)
 WEIGHT_BLOB = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
 # The constexpr op each recipe's weights become, and the range of their bytes as a fraction of fp16's
 # (demo weights are small: a 256-entry LUT or a scale per block of 32 is a visible overhead).

@@ -320,6 +320,8 @@ def compress_mlmodel(
         if bits_per_op is not None:
             raise ValueError(f"recipe '{recipe.name}' (fp16) takes no per-op bits")
         return mlmodel, {**info, "bits_per_op": {}, "average_bits": 16.0}
+    if recipe.kind not in ("linear", "palettize", "mixed"):
+        raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) compresses the module before conversion")
     _check_program_target(mlmodel, recipe)
     threshold = recipe.params["weight_threshold"]
     weights = program_weights(mlmodel, threshold)

@@ -83,22 +83,27 @@ class WhisperDecoder:
         self.proj_out = model.proj_out
 
     @torch.inference_mode()
-    def greedy(self, encoder_states: torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
-        """The token ids after the prompt, up to (not including) end-of-text."""
+    def greedy_batch(self, encoder_states: torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
+        """Each clip's token ids after the prompt, up to (not including) end-of-text: encoder_states
+        [N, 1500, d_model], decoded together (a finished clip's later tokens are dropped)."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+        n = encoder_states.shape[0]
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        tokens = torch.tensor([ENGLISH_TRANSCRIBE_PROMPT])
-        out: list[int] = []
+        tokens = torch.tensor([ENGLISH_TRANSCRIBE_PROMPT] * n)
+        out: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
         for _ in range(max_new_tokens):
             hidden = self.decoder(
                 input_ids=tokens, encoder_hidden_states=encoder_states.float(), past_key_values=cache, use_cache=True
             ).last_hidden_state
-            token = int(self.proj_out(hidden[:, -1]).argmax(-1).item())
-            if token == END_OF_TEXT:
+            tokens = self.proj_out(hidden[:, -1]).argmax(-1, keepdim=True)
+            for i, token in enumerate(tokens[:, 0].tolist()):
+                done[i] = done[i] or token == END_OF_TEXT
+                if not done[i]:
+                    out[i].append(token)
+            if all(done):
                 break
-            out.append(token)
-            tokens = torch.tensor([[token]])
         return out
 
 

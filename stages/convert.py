@@ -1,10 +1,10 @@
 """convert@<model>-<recipe>: torch.export + ct.convert into artifacts/packages/<model>/<recipe>/."""
 
 from voxtral_coreml.atomic import atomic_path
+from voxtral_coreml.calibration import load_calibration
 from voxtral_coreml.convert import convert_package, package_name
 from voxtral_coreml.layouts import read_json
 from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.calibration import load_calibration
 from voxtral_coreml.paths import calibration_file, extracted_dir, package_dir, sensitivity_file
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.runner import run, stage_args

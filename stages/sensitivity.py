@@ -6,8 +6,8 @@ own files alone.
 """
 
 from voxtral_coreml.atomic import atomic_path, write_json_atomic
-from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.calibration import calibrate, save_calibration
+from voxtral_coreml.params import load_params, lookup
 from voxtral_coreml.paths import calibration_file, extracted_dir, sensitivity_file
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.runner import run, stage_args

@@ -32,7 +32,6 @@ from voxtral_coreml.model import VoxtralEncoderANE, build_ane_encoder
 from voxtral_coreml.package_info import SPEC_VERSION, package_structure
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.safetensors_io import TensorSpec, write_safetensors
-from voxtral_coreml.torch_compress import TORCH_KINDS
 from voxtral_coreml.sensitivity import (
     DEFAULT_FRAMES,
     _stages,
@@ -42,6 +41,7 @@ from voxtral_coreml.sensitivity import (
     program_bits,
     scan_sensitivity,
 )
+from voxtral_coreml.torch_compress import TORCH_KINDS
 
 # Recipes compressing the converted program (the torch-side kinds: test_calibrated.py).
 RECIPES = sorted(

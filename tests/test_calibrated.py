@@ -60,8 +60,8 @@ def built(request: pytest.FixtureRequest, extracted: Path, tmp_path_factory: pyt
     packages = []
     for i in range(2):
         folder = root / f"package{i}"
-        convert_package(extracted, folder / "VoxtralEncoderMini.mlpackage", recipe(name), model_name="demo",
-                        attention="fused_heads", calibrated=states[0])  # fmt: skip
+        package = folder / "VoxtralEncoderMini.mlpackage"
+        convert_package(extracted, package, recipe(name), model_name="demo", variant="Mini", calibrated=states[0])
         packages.append(folder)
     return {"name": name, "states": states, "packages": packages, "info": info}
 

@@ -15,6 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
+	@command -v espeak-ng >/dev/null || echo "== note: install espeak-ng (apt-get install espeak-ng): calibration speech"
 	touch $@
 
 install: $(STAMP)

@@ -28,7 +28,7 @@ TINY_CALIBRATION = {"clips": 1, "seconds": 2, "first": 100, "device": "cpu"}  # 
 # The constexpr ops each recipe's weights become (per-channel scales on a LUT add a blockwise op per weight).
 EXPECTED_OPS = {
     "gptq4": {"constexpr_blockwise_shift_scale"},
-    "gptq8": {"constexpr_blockwise_shift_scale"},
+    "gptq8": {"constexpr_affine_dequantize"},  # per-channel int8 on iOS16
     "skm4g": {"constexpr_lut_to_dense"},
     "pal4s": {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"},
     "pal6s": {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"},

@@ -66,6 +66,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .dims import read_encoder_json
     from .families import DEFAULT_FAMILY, family_module, family_of
     from .recipes import Recipe
+    from .torch_compress import TORCH_KINDS
 
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
     options = _streaming_options(args)
@@ -84,6 +85,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
             variant = args.variant or family.default_variant(extracted)
         package = out if out.suffix == ".mlpackage" else out / family.package_name(variant, **options)
         refuse_existing(package)
+        # A data-aware recipe calibrates here, on espeak-ng speech (the pipeline caches it in its sensitivity stage).
+        calibrated = family.calibrate(extracted, recipe)[0] if recipe.kind in TORCH_KINDS else None
         manifest = family.convert_package(
             extracted,
             package,
@@ -92,6 +95,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             variant=variant,
             attention=args.attention,
             query_chunk=args.query_chunk,
+            calibrated=calibrated,
             **options,
         )
     print(f"{package}: {manifest['outputs'][0]['shape']} ({manifest['size_bytes'] / 1e6:.1f} MB)")

@@ -42,7 +42,21 @@ from voxtral_coreml.whisper_decoder import WhisperDecoder, token_agreement
 
 MODEL = "whisper-base"
 OUT = Path(ARTIFACTS) / "bench" / "trained"
-RECIPES = ("fp16", "int8", "gptq4", "pal4", "pal6s", "pal6", "pal8", "pal4g", "pal4s", "gptq8", "skm4g", "int4b")
+RECIPES = (
+    "fp16",
+    "int8",
+    "gptq4",
+    "pal4",
+    "pal6s",
+    "skm6g",
+    "pal6",
+    "pal8",
+    "pal4g",
+    "pal4s",
+    "gptq8",
+    "skm4g",
+    "int4b",
+)
 TEST_CLIPS = {"12s": (12.0, 0), "70s": (70.0, 1)}  # seconds, espeak clip index
 TASK_FIRST = 200  # task clips: espeak clip indexes from here (calibration uses 100 on, the PSNR clips 0 and 1)
 log = logging.getLogger("benchmarks.trained")

@@ -4,9 +4,10 @@ from voxtral_coreml.atomic import atomic_path
 from voxtral_coreml.families import family_of_extracted
 from voxtral_coreml.layouts import read_json
 from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import extracted_dir, package_dir, sensitivity_file
+from voxtral_coreml.paths import calibration_file, extracted_dir, package_dir, sensitivity_file
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.runner import run, stage_args
+from voxtral_coreml.torch_compress import TORCH_KINDS, load_calibration
 
 
 def main() -> None:
@@ -15,6 +16,7 @@ def main() -> None:
     recipe = Recipe.from_config(args.recipe, lookup(params, f"recipes.{args.recipe}"))
     variant = lookup(params, f"models.{args.model}.variant")
     sensitivity = read_json(sensitivity_file(args.model, args.recipe)) if recipe.kind == "mixed" else None
+    calibrated = load_calibration(calibration_file(args.model, args.recipe)) if recipe.kind in TORCH_KINDS else None
     build = lookup(params, "build")
     family = family_of_extracted(extracted_dir(args.model))
     with atomic_path(package_dir(args.model, args.recipe)) as staging:  # package + manifest, or nothing
@@ -28,6 +30,7 @@ def main() -> None:
             attention=build["attention"],
             query_chunk=build["query_chunk"],
             sensitivity=sensitivity,
+            calibrated=calibrated,
         )
 
 

@@ -1,20 +1,30 @@
-"""sensitivity@<model>-<recipe>: a mixed recipe's per-weight sensitivity scan, run once per model and recipe.
+"""sensitivity@<model>-<recipe>: a mixed recipe's per-weight sensitivity scan, or a torch-compressed recipe's
+calibration (its compressed weights), run once per model and recipe.
 
-Other recipes need no scan: their file says so, so every convert entry can depend on its own file alone.
+Other recipes need neither: their files say so (an empty .safetensors), so every convert entry can depend on its
+own files alone.
 """
 
-from voxtral_coreml.atomic import write_json_atomic
+from voxtral_coreml.atomic import atomic_path, write_json_atomic
+from voxtral_coreml.families import family_of_extracted
 from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import extracted_dir, sensitivity_file
+from voxtral_coreml.paths import calibration_file, extracted_dir, sensitivity_file
 from voxtral_coreml.recipes import Recipe
 from voxtral_coreml.runner import run, stage_args
+from voxtral_coreml.torch_compress import TORCH_KINDS, save_calibration
 
 
 def main() -> None:
     args = stage_args(__doc__, "model", "recipe")
     params = load_params()
     recipe = Recipe.from_config(args.recipe, lookup(params, f"recipes.{args.recipe}"))
-    if recipe.kind != "mixed":
+    state, info = {}, {"recipe": recipe.name, "kind": recipe.kind, "calibration": "not needed"}
+    if recipe.kind in TORCH_KINDS:
+        # jobs: not a DVC param; k-means runs single-threaded per tensor, so the result is the same for any number
+        family = family_of_extracted(extracted_dir(args.model))
+        state, info = family.calibrate(extracted_dir(args.model), recipe, jobs=lookup(params, "sensitivity.jobs"))
+        table = {"recipe": recipe.name, "kind": recipe.kind, "scan": "not needed", "calibration": "see .safetensors"}
+    elif recipe.kind != "mixed":
         table = {"recipe": recipe.name, "kind": recipe.kind, "scan": "not needed"}
     else:
         from voxtral_coreml.sensitivity import scan_sensitivity
@@ -27,6 +37,8 @@ def main() -> None:
             audio=lookup(params, "validation.audio"),
             jobs=settings["jobs"],  # not a DVC param: the result is the same for any number of jobs
         )
+    with atomic_path(calibration_file(args.model, args.recipe)) as staging:
+        save_calibration(staging, state, info)
     write_json_atomic(sensitivity_file(args.model, args.recipe), table)
 
 

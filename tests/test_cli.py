@@ -37,6 +37,18 @@ def test_convert_writes_package_and_manifest_beside_it(converted: tuple[Path, Pa
     assert sorted(p.name for p in package.parent.iterdir()) == ["VoxtralEncoderMini.mlpackage", "manifest.json"]
 
 
+def test_convert_calibrates_a_data_aware_recipe(converted: tuple[Path, Path], tmp_path: Path) -> None:
+    """pal6s compresses the module in PyTorch first (k-means with per-channel scales, no data): the CLI runs that
+    step itself, as the pipeline's sensitivity stage does."""
+    checkpoint, _ = converted
+    package = tmp_path / "VoxtralEncoderMini.mlpackage"
+    result = cli("convert", "--checkpoint", str(checkpoint), "--recipe", "pal6s", "--out", str(package))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["recipe"]["name"] == "pal6s" and set(manifest["compression"]["bits_per_op"].values()) == {6}
+    assert manifest["ane"]["ops"].get("constexpr_lut_to_dense", 0) > 0
+
+
 def test_validate_prints_metrics_as_json(converted: tuple[Path, Path]) -> None:
     checkpoint, package = converted
     result = cli("validate", str(package), "--checkpoint", str(checkpoint), "--json")

@@ -42,8 +42,14 @@ from voxtral_coreml.sensitivity import (
     program_bits,
     scan_sensitivity,
 )
+from voxtral_coreml.torch_compress import TORCH_KINDS
 
-RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
+# Recipes compressing the converted program (the torch-side kinds: test_calibrated.py).
+RECIPES = sorted(
+    p.stem
+    for p in (REPO / "conf" / "recipe").glob("*.yaml")
+    if yaml.safe_load(p.read_text())["kind"] not in TORCH_KINDS
+)
 WEIGHT_BLOB = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
 # The constexpr op each recipe's weights become, and the range of their bytes as a fraction of fp16's
 # (demo weights are small: a 256-entry LUT or a scale per block of 32 is a visible overhead).

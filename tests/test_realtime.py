@@ -284,6 +284,21 @@ def test_restarted_state_matches_a_fresh_package(rt_packages) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first, new, strict=True))
 
 
+def test_data_aware_recipes_are_refused_for_realtime(rt_extracted: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import REPO
+
+    recipe = Recipe.from_config("gptq4", yaml.safe_load((REPO / "conf/recipe/gptq4.yaml").read_text()))
+    family = family_module("realtime")
+    message = r"recipe 'gptq4' \(gptq\): data-aware recipes are built for Voxtral 2507 only"
+    with pytest.raises(VoxtralError, match=message):
+        family.calibrate(rt_extracted, recipe)
+    with pytest.raises(VoxtralError, match=message):
+        family.convert_package(rt_extracted, tmp_path / "x.mlpackage", recipe, model_name="demo-realtime")
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
 def test_streaming_bad_input_is_one_clear_error(rt_packages, extracted) -> None:
     package, manifest = find_package(rt_packages["explicit-1"])
     streamer = Streamer(load_package(package), manifest["streaming"], str(package))

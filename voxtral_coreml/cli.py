@@ -68,6 +68,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .families import DEFAULT_FAMILY, family_module, family_of
     from .formats import export_format
     from .recipes import Recipe
+    from .torch_compress import TORCH_KINDS
 
     fmt = export_format(args.format)
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
@@ -91,6 +92,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
             variant = args.variant or family.default_variant(extracted)
         package = out if out.suffix == fmt.suffix else out / fmt.package_name(family, variant, options)
         refuse_existing(package)
+        # A data-aware recipe calibrates here, on espeak-ng speech (the pipeline caches it in its sensitivity stage).
+        calibrated = {"calibrated": family.calibrate(extracted, recipe)[0]} if recipe.kind in TORCH_KINDS else {}
         manifest = fmt.convert(
             family,
             extracted,
@@ -100,6 +103,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             variant=variant,
             attention=args.attention,
             query_chunk=args.query_chunk,
+            **calibrated,
             **options,
             **{option: getattr(args, option) for option in fmt.options},
         )

@@ -38,7 +38,8 @@ LINEAR_NBITS = {"int8": 8, "int4": 4}
 FP16_BITS = 16  # what every tensor a recipe leaves alone is stored as
 WEIGHT_CONSUMERS = {"conv", "linear", "matmul"}  # the ops whose `weight` input a recipe compresses
 # Grouped LUTs, blockwise scales and int4 exist only as iOS18's constexpr ops.
-IOS18_FEATURES = {"per_grouped_channel", "per_block", "int4"}
+IOS18_FEATURES = {"per_grouped_channel", "per_block", "int4", "uint4"}
+IOS18_SWITCHES = ("enable_per_channel_scale", "lut_dtype")
 # A compressed copy of a weight keeps its direction (4-bit palettization: cosine ~0.99); unrelated tensors are ~0.
 MATCH_COSINE = 0.9
 MATCH_SAMPLES = 4096
@@ -65,6 +66,30 @@ BIT_WIDTHS = Param(
     f"a list of at least two bit widths from {', '.join(map(str, PALETTE_NBITS))}",
 )
 NUMBER = Param(lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number")
+BOOL = Param(lambda v: isinstance(v, bool), "true or false")
+CALIBRATION_KEYS = {
+    "clips": POSITIVE_INT,
+    "seconds": NUMBER,
+    "first": NON_NEGATIVE_INT,
+    "device": _choice("cpu", "cuda", "mps"),
+}
+
+
+def _is_calibration(v: Any) -> bool:
+    if not isinstance(v, dict) or set(v) != set(CALIBRATION_KEYS):
+        return False
+    return all(p.check(v[k]) for k, p in CALIBRATION_KEYS.items()) and 0 < v["seconds"] <= 30
+
+
+CALIBRATION = Param(_is_calibration, "{clips, seconds (at most 30), first, device (cpu, cuda or mps)}")
+# Data-aware and torch-side recipes (torch_compress.py): coremltools.optimize.torch's own config fields.
+PALETTIZER_PARAMS = {
+    "weight_threshold": NON_NEGATIVE_INT,
+    "n_bits": _choice(*PALETTE_NBITS),
+    "granularity": _choice("per_tensor", "per_grouped_channel"),
+    "enable_per_channel_scale": BOOL,
+    "lut_dtype": _choice(None, "int8"),
+}
 
 KIND_PARAMS: dict[str, dict[str, Param]] = {
     "fp16": {},
@@ -80,6 +105,17 @@ KIND_PARAMS: dict[str, dict[str, Param]] = {
         "granularity": _choice("per_tensor", "per_grouped_channel"),
     },
     "mixed": {"weight_threshold": NON_NEGATIVE_INT, "candidate_bits": BIT_WIDTHS, "target_bits": NUMBER},
+    "gptq": {
+        "weight_threshold": NON_NEGATIVE_INT,
+        "weight_dtype": _choice("uint4", "uint8"),
+        "granularity": _choice("per_channel", "per_block"),
+        "quantization_scheme": _choice("symmetric", "affine"),
+        "use_activation_order_heuristic": BOOL,
+        "hessian_dampening": NUMBER,
+        "calibration": CALIBRATION,
+    },
+    "skm": {**PALETTIZER_PARAMS, "calibration": CALIBRATION},
+    "ptp": PALETTIZER_PARAMS,
 }
 GRANULARITY_PARAMS = {"per_block": "block_size", "per_grouped_channel": "group_size"}  # required with that one only
 
@@ -108,8 +144,11 @@ def validate_params(recipe: str, kind: str, params: dict[str, Any]) -> None:
 
 def required_target(params: dict[str, Any]) -> tuple[str, str]:
     """(the oldest Core ML target that holds this compression, the feature that needs it)."""
-    for key in ("granularity", "dtype"):
+    for key in ("granularity", "dtype", "weight_dtype"):
         if params.get(key) in IOS18_FEATURES:
+            return "iOS18", f"{key} {params[key]}"
+    for key in IOS18_SWITCHES:  # per-channel scales on LUTs and int8 LUTs are iOS18's constexpr ops
+        if params.get(key):
             return "iOS18", f"{key} {params[key]}"
     return "iOS16", "per-tensor and per-channel compression"
 
@@ -282,6 +321,8 @@ def compress_mlmodel(
         if bits_per_op is not None:
             raise ValueError(f"recipe '{recipe.name}' (fp16) takes no per-op bits")
         return mlmodel, {**info, "bits_per_op": {}, "average_bits": float(FP16_BITS)}
+    if recipe.kind not in ("linear", "palettize", "mixed"):
+        raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) compresses the module before conversion")
     _check_program_target(mlmodel, recipe)
     threshold = recipe.params["weight_threshold"]
     weights = program_weights(mlmodel, threshold)

@@ -31,6 +31,7 @@ from .package_info import ane_report
 from .paths import MANIFEST
 from .recipes import TARGETS, Recipe
 from .sensitivity import program_bits
+from .torch_compress import TORCH_KINDS, apply_compressed, torch_compression_info
 
 log = logging.getLogger(__name__)
 
@@ -133,29 +134,38 @@ def convert_package(
     attention: str,
     query_chunk: int,
     sensitivity: dict | None = None,
+    calibrated: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Write the `.mlpackage` at `package` and `manifest.json` beside it, each atomically (manifest last).
 
     `attention` and `query_chunk` are conf/conversion.yaml's `build` settings (the CLI reads the same file).
 
-    `sensitivity` is the scan a `mixed` recipe chooses its bits from (sensitivity.scan_sensitivity)."""
+    `sensitivity` is the scan a `mixed` recipe chooses its bits from (sensitivity.scan_sensitivity); `calibrated`
+    the compressed weights of a torch-compressed recipe (calibration.calibrate), applied before conversion."""
     started = time.monotonic()
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
     if recipe.kind == "mixed" and sensitivity is None:
         raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
+    if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
+        raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
     # fp16 from the start: the package stores fp16 anyway (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 would),
     # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight.
     weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
     variant = variant or infer_variant(dims)
     model = build_ane_encoder(weights, dims, attention, query_chunk)
+    if calibrated is not None:
+        apply_compressed(model, calibrated)  # ct.convert emits the compressed ops from the metadata
     log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
     with coremltools_writes(package):
         mlmodel = convert_to_mlprogram(model, recipe.min_target)
-        bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
+        if calibrated is not None:
+            compression = torch_compression_info(model, recipe, calibrated)
+        else:
+            bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
+            mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
         del model, weights
-        mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
     mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
     mlmodel.version = __version__
     with atomic_path(package) as staging:

@@ -57,6 +57,15 @@ def encoder_package(path: Path) -> tuple[Path, dict]:
     return package, manifest
 
 
+def mel_bins(package: Path, manifest: dict) -> int:
+    """A 2507 package's mel bins: the features follow its input, [1, n_mels, 3000] (128 for Voxtral, 80 for
+    Whisper base's trained encoder)."""
+    inputs = manifest["inputs"]  # read_manifest checked each is {name, shape, dtype}
+    if len(inputs) != 1 or inputs[0]["name"] != INPUT_NAME or len(inputs[0]["shape"]) != 3:
+        raise VoxtralError(f"{package}: inputs {inputs} are not one '{INPUT_NAME}' [1, n_mels, frames]")
+    return inputs[0]["shape"][1]
+
+
 def encode_audio(
     audio: str | os.PathLike[str],
     package: str | os.PathLike[str],
@@ -80,7 +89,7 @@ def encode_windows(samples: np.ndarray, package: Path, manifest: dict, backend: 
         from .realtime.stream import check_streaming
 
         check_streaming(package, manifest)  # raises: 2507 packages cannot stream
-    windows = log_mel_windows(samples)
+    windows = log_mel_windows(samples, n_mels=mel_bins(package, manifest))
     started = time.perf_counter()
     with format_of(package.name).predictor(backend, package) as predict:
         load_s = time.perf_counter() - started

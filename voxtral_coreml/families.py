@@ -1,9 +1,9 @@
 """Encoder families: each is a module with the same functions, found here by name; nothing else branches on it.
 
 A family module provides: `LAYOUTS` (name -> Layout class), `detect(root)`, `dims_from_json(data, source)`,
-`compute_reference(extracted_dir, audio, attention, query_chunk)`, `convert_package(...)` (Core ML),
-`convert_asset(...)` (Core AI), `io_contract(dims)` and `encode_audio(...)`. The extracted encoder.json and every
-manifest record the family.
+`compute_reference(extracted_dir, audio, attention, query_chunk)`, `calibrate(extracted_dir, recipe, jobs)` (a
+data-aware recipe's compressed weights), `convert_package(...)` (Core ML), `convert_asset(...)` (Core AI),
+`io_contract(dims)` and `encode_audio(...)`. The extracted encoder.json and every manifest record the family.
 """
 
 from __future__ import annotations

@@ -7,7 +7,15 @@ from pathlib import Path
 from .dims import EncoderDims
 from .layouts import LAYOUTS
 
-__all__ = ["LAYOUTS", "calibration_encoder", "compute_reference", "convert_package", "detect", "io_contract"]
+__all__ = [
+    "LAYOUTS",
+    "calibrate",
+    "calibration_encoder",
+    "compute_reference",
+    "convert_package",
+    "detect",
+    "io_contract",
+]
 
 dims_from_json = EncoderDims.from_json
 
@@ -26,6 +34,12 @@ def compute_reference(*args, **kwargs):
     from .reference import compute_reference
 
     return compute_reference(*args, **kwargs)
+
+
+def calibrate(*args, **kwargs):
+    from .calibration import calibrate
+
+    return calibrate(*args, **kwargs)
 
 
 def calibration_encoder(*args, **kwargs):

@@ -1,7 +1,8 @@
 """Voxtral's log-mel features: WhisperFeatureExtractor's math as VoxtralProcessor applies it.
 
 The clip is zero-padded to a multiple of 30 s, one STFT runs over the whole clip, the log floor
-(max - 8) uses the maximum of the whole clip, and only then is it cut into [N, 128, 3000] windows.
+(max - 8) uses the maximum of the whole clip, and only then is it cut into [N, n_mels, 3000] windows.
+The number of mel bins is the checkpoint's (`EncoderDims.n_mels`: 128 for Voxtral, 80 for Whisper base).
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 @functools.cache
-def mel_filters(dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[201, 128] Slaney-normalized mel filters, the ones WhisperFeatureExtractor builds (computed in float64)."""
+def mel_filters(dtype: torch.dtype = torch.float32, n_mels: int = MEL_BINS) -> torch.Tensor:
+    """[201, n_mels] Slaney-normalized mel filters, the ones WhisperFeatureExtractor builds (computed in float64)."""
     from transformers.audio_utils import mel_filter_bank
 
     bank = mel_filter_bank(
         num_frequency_bins=1 + N_FFT // 2,
-        num_mel_filters=MEL_BINS,
+        num_mel_filters=n_mels,
         min_frequency=0.0,
         max_frequency=8000.0,
         sampling_rate=SAMPLE_RATE,
@@ -94,18 +95,18 @@ def normalized_log_mel(mel_power: torch.Tensor, log_max: float | None = None) ->
     return (log_spec + 4.0) / 4.0
 
 
-def log_mel_windows(audio: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Mono 16 kHz samples -> [N, 128, 3000] normalized log-mel windows, computed in `dtype`: float32 is
+def log_mel_windows(audio: np.ndarray, dtype: torch.dtype = torch.float32, n_mels: int = MEL_BINS) -> torch.Tensor:
+    """Mono 16 kHz samples -> [N, n_mels, 3000] normalized log-mel windows, computed in `dtype`: float32 is
     WhisperFeatureExtractor's own arithmetic (bit for bit on one machine), float64 the same math on any machine."""
     n_windows = max(1, -(-len(audio) // WINDOW_SAMPLES))
     padded = np.zeros(n_windows * WINDOW_SAMPLES, dtype=np.float32)
     padded[: len(audio)] = audio
     power = power_spectrogram(torch.from_numpy(padded).to(dtype))[..., :-1].contiguous()  # Whisper drops the last
-    log_spec = normalized_log_mel(mel_filters(dtype).T @ power)  # the floor: whole-clip maximum
-    return log_spec.reshape(MEL_BINS, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
+    log_spec = normalized_log_mel(mel_filters(dtype, n_mels).T @ power)  # the floor: whole-clip maximum
+    return log_spec.reshape(n_mels, n_windows, MEL_FRAMES).transpose(0, 1).contiguous()
 
 
-def speech_mel(audio_path: str | os.PathLike[str] | None = None) -> torch.Tensor:
-    """The first 30 s window of a clip (the built-in speech when None): [1, 128, 3000] float32, computed in float64
+def speech_mel(audio_path: str | os.PathLike[str] | None = None, n_mels: int = MEL_BINS) -> torch.Tensor:
+    """The first 30 s window of a clip (the built-in speech when None): [1, n_mels, 3000] float32, computed in float64
     and stored rounded (stable.py), so that every machine feeds the reference the same mel."""
-    return stored_float32(log_mel_windows(load_audio(audio_path or builtin_speech_clip()), torch.float64)[:1])
+    return stored_float32(log_mel_windows(load_audio(audio_path or builtin_speech_clip()), torch.float64, n_mels)[:1])

@@ -57,3 +57,18 @@ def compare_embeddings(
         "cosine_min": round_decimals(cosine_min(ref, cand), COSINE_DECIMALS),
         "max_abs_err": round_significant(max_abs_err, ERROR_DIGITS),
     }
+
+
+TOKEN_COSINE = 0.98  # an embedding this close to the reference's carries the same content
+
+
+def token_cosine_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """compare_embeddings plus how the per-embedding cosines spread: median, 1st percentile, share >= 0.98."""
+    ref = reference.double().reshape(-1, reference.shape[-1])
+    cosine = torch.nn.functional.cosine_similarity(ref, candidate.double().reshape(ref.shape), dim=1)
+    return {
+        **compare_embeddings(reference, candidate),
+        "cosine_median": round(cosine.median().item(), 4),
+        "cosine_p01": round(cosine.quantile(0.01).item(), 4),
+        f"share_ge_{TOKEN_COSINE}": round((cosine >= TOKEN_COSINE).double().mean().item(), 4),
+    }

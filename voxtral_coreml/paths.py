@@ -29,6 +29,11 @@ def sensitivity_file(model: str, recipe: str) -> Path:
     return ARTIFACTS / "sensitivity" / model / f"{recipe}.json"
 
 
+def calibration_file(model: str, recipe: str) -> Path:
+    """A torch-compressed recipe's compressed weights (calibration.py); empty for other recipes."""
+    return ARTIFACTS / "sensitivity" / model / f"{recipe}.safetensors"
+
+
 def package_dir(model: str, recipe: str) -> Path:
     return ARTIFACTS / "packages" / model / recipe
 

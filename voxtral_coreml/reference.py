@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
 
-from .dims import POSITIONS_KEY, EncoderDims
+from .dims import MEL_BINS, POSITIONS_KEY, EncoderDims
 from .errors import VoxtralError
 from .extract import load_extracted
 from .features import speech_mel
@@ -29,9 +29,10 @@ from .synthetic import PREPROCESSOR_CONFIG
 log = logging.getLogger(__name__)
 
 
-def processor_features(audio: np.ndarray) -> torch.Tensor:
-    """Mono 16 kHz samples -> [N, 128, 3000], as VoxtralProcessor's `_retrieve_input_features` computes them."""
+def processor_features(audio: np.ndarray, n_mels: int = MEL_BINS) -> torch.Tensor:
+    """Mono 16 kHz samples -> [N, n_mels, 3000], as VoxtralProcessor's `_retrieve_input_features` computes them."""
     config = {k: v for k, v in PREPROCESSOR_CONFIG.items() if k != "feature_extractor_type"}
+    config["feature_size"] = n_mels
     extractor = WhisperFeatureExtractor(**config)
     kwargs = dict(VoxtralProcessor.audio_kwargs)  # pad to a multiple of 30 s, no truncation, torch tensors
     frames = kwargs.pop("max_source_positions")
@@ -88,7 +89,7 @@ class TransformersReference:
 
     @torch.inference_mode()
     def audio_embeddings(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [N, 128, 3000] -> [N*375, H], exactly as Voxtral feeds the language model."""
+        """mel [N, n_mels, 3000] -> [N*375, H], exactly as Voxtral feeds the language model."""
         return self.model.get_audio_features(mel).pooler_output
 
 
@@ -102,7 +103,7 @@ def compute_reference(
     FLOAT64_RESOLUTION_DB: the same math agrees beyond it, a layout bug falls far below."""
     weights, dims, _ = load_extracted(extracted_dir)
     weights = {name: float64(w) for name, w in weights.items()}
-    mel = speech_mel(audio)
+    mel = speech_mel(audio, dims.n_mels)
     log.info("reference: transformers forward in float64 (%d layers, d_model %d)", dims.n_layers, dims.d_model)
     expected = TransformersReference(weights, dims).audio_embeddings(float64(mel))
     log.info("reference: ANE module forward in float64")

@@ -59,7 +59,7 @@ def calibration_encoder(
     weights = {n: float64(w.to(torch.float16)) for n, w in weights.items()}
     if POSITIONS_KEY in weights:
         weights[POSITIONS_KEY] = weights[POSITIONS_KEY][: short.n_positions]
-    mel = float64(speech_mel(audio)[..., :frames].contiguous())
+    mel = float64(speech_mel(audio, dims.n_mels)[..., :frames].contiguous())
     return build_ane_encoder(weights, short, SIM_ATTENTION), mel
 
 

@@ -4,6 +4,8 @@
 - local: a directory the user already has; recorded by path and a fingerprint (sizes and mtimes), so a
   checkpoint changed in place after download is caught by extract instead of silently converted.
 - hub: the Hugging Face Hub: only the audio tensors' byte ranges are fetched (see hub.py).
+- whisper-ct2: a trained Whisper encoder (a CTranslate2 model.bin from installed packages) in the HF layout, with a
+  seeded projector to `hidden_size` (see whisper_ct2.py): trained weights for measuring compression.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from .synthetic import LanguageModelShape, write_synthetic_checkpoint
 log = logging.getLogger(__name__)
 
 SOURCE_JSON = "source.json"
-SOURCE_KINDS = ("synthetic", "local", "hub")
+SOURCE_KINDS = ("synthetic", "local", "hub", "whisper-ct2")
 # What manifests may carry about a source: no local paths, no per-file details.
-PUBLIC_SOURCE_KEYS = ("kind", "model", "seed", "name", "repo_id", "revision", "commit", "layout")
+PUBLIC_SOURCE_KEYS = ("kind", "model", "seed", "name", "repo_id", "revision", "commit", "layout", "packages")
 
 
 def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
@@ -55,10 +57,40 @@ def write_synthetic(out_dir: Path, source: dict[str, Any], where: str) -> None:
     write_synthetic_checkpoint(out_dir, dims, lm, seed=int(_require(source, "seed", where)))
 
 
+def _write_whisper(model: str, source: dict[str, Any], where: str, staging: Path) -> dict[str, Any]:
+    from .whisper_ct2 import installed_parts, write_whisper_checkpoint
+
+    packages = _require(source, "packages", where)
+    if not isinstance(packages, list) or not packages or not all(isinstance(p, str) for p in packages):
+        raise VoxtralError(f"{where}.packages: expected a list of package names, got {packages!r}")
+    seed, hidden = int(_require(source, "seed", where)), int(_require(source, "hidden_size", where))
+    dims = write_whisper_checkpoint(staging, installed_parts(packages), hidden, seed)
+    log.info("trained Whisper encoder %s from %s (%d layers, d_model %d)", model, packages, dims.n_layers, dims.d_model)
+    return {"kind": "whisper-ct2", "model": model, "seed": seed, "packages": packages}
+
+
 def fingerprint(root: Path) -> dict[str, list[int]]:
     """Relative path -> [size, mtime_ns] of every file: cheap, and changes when a file is rewritten."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
     return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def _write_synthetic(model: str, source: dict[str, Any], where: str, staging: Path) -> dict[str, Any]:
+    family = source.get("family", DEFAULT_FAMILY)
+    family_module(family).write_synthetic(staging, source, where)
+    log.info("generated synthetic %s checkpoint %s", family, model)
+    return {"kind": "synthetic", "model": model, "seed": source["seed"]}
+
+
+def _use_local(model: str, source: dict[str, Any], where: str, staging: Path) -> dict[str, Any]:
+    root = Path(_require(source, "path", where)).expanduser().resolve()
+    open_layout(root, source.get("layout", "auto")).dims()  # fail now, with the layout's message
+    log.info("using local checkpoint %s", root)
+    return {"kind": "local", "name": root.name, "path": str(root), "fingerprint": fingerprint(root)}
+
+
+# Source kind -> what writes its download directory and returns its source.json (hub fetches on its own).
+WRITERS = {"synthetic": _write_synthetic, "local": _use_local, "whisper-ct2": _write_whisper}
 
 
 def materialize_checkpoint(model: str, source: dict[str, Any], out_dir: str | os.PathLike[str]) -> None:
@@ -74,17 +106,7 @@ def materialize_checkpoint(model: str, source: dict[str, Any], out_dir: str | os
         return
     with atomic_path(out_dir) as staging:
         staging.mkdir()
-        if kind == "synthetic":
-            family = source.get("family", DEFAULT_FAMILY)
-            family_module(family).write_synthetic(staging, source, where)
-            log.info("generated synthetic %s checkpoint %s", family, model)
-            info = {"kind": "synthetic", "model": model, "seed": source["seed"]}
-        else:
-            root = Path(_require(source, "path", where)).expanduser().resolve()
-            open_layout(root, source.get("layout", "auto")).dims()  # fail now, with the layout's message
-            info = {"kind": "local", "name": root.name, "path": str(root), "fingerprint": fingerprint(root)}
-            log.info("using local checkpoint %s", root)
-        write_json_atomic(staging / SOURCE_JSON, info)
+        write_json_atomic(staging / SOURCE_JSON, WRITERS[kind](model, source, where, staging))
 
 
 def checkpoint_root(download_dir: str | os.PathLike[str]) -> Path:

@@ -31,6 +31,7 @@ from ..features import HOP_LENGTH, SAMPLE_RATE
 from ..mil_passes import pass_pipeline
 from ..package_info import ane_report
 from ..recipes import TARGETS, Recipe
+from ..torch_compress import TORCH_KINDS
 from .dims import MEL_FRAMES_PER_TOKEN, RealtimeDims
 from .model import build_offline_encoder, build_step_encoder, initial_state, mel_frames_per_step
 from .rope import MAX_TOKENS
@@ -200,6 +201,11 @@ def feeding() -> dict[str, object]:
     }
 
 
+def refuse_data_aware(recipe: Recipe) -> None:
+    """Data-aware recipes (torch_compress.py) walk the 2507 encoder's stages; the Realtime encoder has none yet."""
+    raise VoxtralError(f"recipe '{recipe.name}' ({recipe.kind}): data-aware recipes are built for Voxtral 2507 only")
+
+
 def convert_package(
     extracted_dir: str | os.PathLike[str],
     package: str | os.PathLike[str],
@@ -211,8 +217,11 @@ def convert_package(
     query_chunk: int = 256,
     sensitivity: dict | None = None,
     streaming: dict | None = None,
+    calibrated: dict | None = None,
 ) -> dict:
-    """Write the offline package (or, with `streaming` = {form, tokens_per_step}, the step) and its manifest."""
+    """Write the offline package (or, with `streaming` = {form, tokens_per_step}, the step) and its manifest.
+
+    `calibrated` (a data-aware recipe's weights) is refused: those recipes walk the 2507 encoder only."""
     from ..sensitivity import program_bits
 
     started = time.monotonic()
@@ -221,6 +230,8 @@ def convert_package(
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
     if recipe.kind == "mixed" and sensitivity is None:
         raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
+    if calibrated is not None or recipe.kind in TORCH_KINDS:
+        refuse_data_aware(recipe)
     weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
     info = None if streaming is None else streaming_info(dims, streaming["form"], int(streaming["tokens_per_step"]))
     target = recipe.min_target if info is None else _later(recipe.min_target, FORMS[info["form"]])

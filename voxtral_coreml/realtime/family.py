@@ -14,7 +14,15 @@ from ..errors import VoxtralError
 from .dims import SLIDING_WINDOW, RealtimeDims
 from .layouts import LAYOUTS, is_realtime_hf, is_realtime_mistral
 
-__all__ = ["LAYOUTS", "calibration_encoder", "compute_reference", "convert_package", "detect", "io_contract"]
+__all__ = [
+    "LAYOUTS",
+    "calibrate",
+    "calibration_encoder",
+    "compute_reference",
+    "convert_package",
+    "detect",
+    "io_contract",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +106,12 @@ def calibration_encoder(extracted_dir, frames: int, audio=None):
     short = dataclasses.replace(dims, mel_frames=frames)
     weights = {n: w.to(torch.float16).float() for n, w in weights.items()}
     return build_offline_encoder(weights, short, SIM_ATTENTION), speech_window(frames, audio)
+
+
+def calibrate(extracted_dir, recipe, jobs: int = 1):
+    from .export import refuse_data_aware
+
+    refuse_data_aware(recipe)
 
 
 def convert_package(*args, **kwargs):

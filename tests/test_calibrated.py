@@ -1,0 +1,137 @@
+"""Torch-side recipes (gptq, skm, ptp: coremltools.optimize.torch before conversion) on the demo model: the ops they
+become, their fidelity, their cached calibration, and byte-identical packages for the same inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import BUILD, REPO, tree_digests
+from voxtral_coreml.backends import run_mil
+from voxtral_coreml.calibration import calibrate
+from voxtral_coreml.convert import convert_package
+from voxtral_coreml.errors import VoxtralError
+from voxtral_coreml.extract import load_extracted
+from voxtral_coreml.features import speech_mel
+from voxtral_coreml.metrics import psnr_db
+from voxtral_coreml.model import build_ane_encoder
+from voxtral_coreml.package_info import package_structure
+from voxtral_coreml.recipes import Recipe
+from voxtral_coreml.torch_compress import TORCH_KINDS, load_calibration, save_calibration
+
+CONFIGS = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((REPO / "conf" / "recipe").glob("*.yaml"))}
+TORCH_RECIPES = sorted(name for name, cfg in CONFIGS.items() if cfg["kind"] in TORCH_KINDS)
+TINY_CALIBRATION = {"clips": 1, "seconds": 2, "first": 100, "device": "cpu"}  # one window: cheap, still real speech
+# One recipe per kind is built here (each costs two calibrations and two conversions); every recipe of conf/recipe/
+# is measured on trained weights by benchmarks/trained.py. The constexpr ops its weights become (per-channel scales
+# on a LUT add a blockwise op per weight), and its floor vs the fp32 module on demo (random) weights: far above what
+# a misread scale or LUT gives (< 5 dB).
+BUILT = {
+    "gptq4": ({"constexpr_blockwise_shift_scale"}, 18),
+    "skm4g": ({"constexpr_lut_to_dense"}, 18),
+    "pal6s": ({"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"}, 28),
+}
+
+
+def recipe(name: str, **overrides: object) -> Recipe:
+    cfg = {**CONFIGS[name], **overrides}
+    if "calibration" in cfg and "calibration" not in overrides:
+        cfg["calibration"] = TINY_CALIBRATION
+    return Recipe.from_config(name, cfg)
+
+
+def test_one_recipe_of_each_kind_is_built_and_every_recipe_is_valid() -> None:
+    assert sorted(CONFIGS[name]["kind"] for name in BUILT) == sorted(TORCH_KINDS)
+    assert all(recipe(name).kind in TORCH_KINDS for name in TORCH_RECIPES)  # each parses: keys, values, target
+
+
+@pytest.fixture(scope="module", params=sorted(BUILT))
+def built(request: pytest.FixtureRequest, extracted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Each recipe calibrated twice and converted twice from the cache: what the tests below compare."""
+    name, root = request.param, tmp_path_factory.mktemp(request.param)
+    states = []
+    for i in range(2):
+        state, info = calibrate(extracted, recipe(name), jobs=2 if i else 1)  # k-means workers: same result
+        save_calibration(root / f"calibration{i}.safetensors", state, info)
+        states.append(load_calibration(root / f"calibration{i}.safetensors"))
+    packages = []
+    for i in range(2):
+        folder = root / f"package{i}"
+        package = folder / "VoxtralEncoderMini.mlpackage"
+        convert_package(
+            extracted, package, recipe(name), model_name="demo", variant="Mini", calibrated=states[0], **BUILD
+        )
+        packages.append(folder)
+    return {"name": name, "states": states, "packages": packages, "info": info}
+
+
+def test_calibration_is_deterministic_and_cached_whole(built: dict) -> None:
+    first, second = built["states"]
+    assert first.keys() == second.keys() and first
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any("._COREML_/weight/" in k for k in first)
+
+
+def test_same_inputs_give_byte_identical_packages(built: dict) -> None:
+    first, second = (tree_digests(p) for p in built["packages"])
+    assert first == second
+
+
+def test_package_holds_the_recipes_compressed_ops(built: dict, extracted: Path) -> None:
+    package = built["packages"][0] / "VoxtralEncoderMini.mlpackage"
+    ops = {k for k in package_structure(package)["ops"] if k.startswith("constexpr_")}
+    expected_ops, min_db = BUILT[built["name"]]
+    assert ops == expected_ops
+    weights, dims, _ = load_extracted(extracted)
+    mel = speech_mel()
+    with torch.inference_mode():
+        expected = build_ane_encoder(weights, dims, "fused_heads")(mel)
+    got, _ = run_mil(package, mel)
+    assert psnr_db(expected, got.reshape(expected.shape)) >= min_db
+
+
+def test_manifest_records_bits_and_calibration_info(built: dict) -> None:
+    import json
+
+    manifest = json.loads((built["packages"][0] / "manifest.json").read_text())
+    r = recipe(built["name"])
+    bits = r.params.get("n_bits") or int(r.params["weight_dtype"].removeprefix("uint"))
+    assert set(manifest["compression"]["bits_per_op"].values()) == {bits}
+    assert manifest["compression"]["kept_fp16"] == []
+    info = built["info"]
+    assert info["device"] == "cpu" and info["seconds"] >= 0 and info["peak_rss_gib"] > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("gptq4", {"calibration": {"clips": 0, "seconds": 5, "first": 0, "device": "cpu"}}, r"calibration .* is not"),
+        ("gptq4", {"calibration": {"clips": 1, "seconds": 40, "first": 0, "device": "cpu"}}, r"seconds \(at most 30\)"),
+        ("gptq4", {"weight_dtype": "int3"}, r"recipe 'gptq4': weight_dtype 'int3' is not one of uint4, uint8"),
+        ("skm4g", {"calibration": {"clips": 1, "seconds": 5, "first": 0, "device": "tpu"}}, r"device \(cpu, cuda"),
+        ("pal4s", {"min_target": "iOS16"}, r"recipe 'pal4s': .* needs min_target iOS18"),
+        ("gptq8", {"lut_dtype": "int8"}, r"recipe 'gptq8': unknown key 'lut_dtype' for kind gptq"),
+    ],
+)
+def test_bad_torch_recipe_is_one_line_naming_recipe_and_key(name: str, overrides: dict, message: str) -> None:
+    with pytest.raises(VoxtralError, match=message) as err:
+        recipe(name, **overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_torch_recipe_needs_its_calibration(extracted: Path, tmp_path: Path) -> None:
+    with pytest.raises(VoxtralError, match=r"recipe 'gptq4': compressed weights are for"):
+        convert_package(
+            extracted, tmp_path / "x.mlpackage", recipe("gptq4"), model_name="demo", variant="Mini", **BUILD
+        )
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_unavailable_calibration_device_is_named(extracted: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the message is about a missing accelerator
+    with pytest.raises(VoxtralError, match=r"calibration.device 'cuda' is not available on this machine"):
+        calibrate(extracted, recipe("gptq4", calibration={**TINY_CALIBRATION, "device": "cuda"}))

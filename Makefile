@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # Recompose params.yaml from conf/ (the same composition `dvc exp run -S` does).
 params: $(STAMP)
-	$(BIN)/python -m voxtral_coreml.params
+	$(BIN)/python -m voxtral_coreml.pipeline.params
 
 # Upload what `make demo`/`dvc repro` built to a Hugging Face model repo (token: HF_TOKEN or `hf auth login`).
 publish: $(STAMP)

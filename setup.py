@@ -1,5 +1,5 @@
 """The wheel carries conf/ (the recipes and build settings) as voxtral_coreml/conf/: the installed CLI reads the
-same configuration as the pipeline (voxtral_coreml/conf.py). Everything else is in pyproject.toml."""
+same configuration as the pipeline (voxtral_coreml/pipeline/conf.py). Everything else is in pyproject.toml."""
 
 import shutil
 from pathlib import Path

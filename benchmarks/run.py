@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voxtral_coreml.atomic import remove_path, write_json_atomic, write_text_atomic
-from voxtral_coreml.attention import ATTENTION_CORES
-from voxtral_coreml.backends import COMPUTE_UNITS
-from voxtral_coreml.convert import tree_size
-from voxtral_coreml.paths import ARTIFACTS, checkpoint_dir, export_dir, extracted_dir, package_dir
+from voxtral_coreml.check.backends import COMPUTE_UNITS
+from voxtral_coreml.encoders.attention import ATTENTION_CORES
+from voxtral_coreml.export.convert import tree_size
+from voxtral_coreml.pipeline.atomic import remove_path, write_json_atomic, write_text_atomic
+from voxtral_coreml.pipeline.paths import ARTIFACTS, checkpoint_dir, export_dir, extracted_dir, package_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = (ROOT / ARTIFACTS / "bench").resolve()
@@ -201,7 +201,7 @@ def summarize(per_model: dict[str, dict], extra: dict[str, Measurement], attenti
 
 def package_facts(model: str, recipe: str) -> dict:
     """MIL ops and GFLOPs per window, from the package's manifest."""
-    from voxtral_coreml.validate import find_package
+    from voxtral_coreml.check.validate import find_package
 
     _, manifest = find_package(WORKSPACE / package_dir(model, recipe))
     return {"ops_total": manifest["ane"]["ops_total"], "gflops_per_window": manifest["ane"]["gflops_per_window"]}

@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxtral_coreml.convert import INPUT_NAME, OUTPUT_NAME
-from voxtral_coreml.extract import load_extracted
-from voxtral_coreml.paths import extracted_dir, package_dir, reference_file
-from voxtral_coreml.runner import configure_logging
-from voxtral_coreml.validate import find_package, load_reference
+from voxtral_coreml.check.validate import find_package, load_reference
+from voxtral_coreml.export.convert import INPUT_NAME, OUTPUT_NAME
+from voxtral_coreml.pipeline.paths import extracted_dir, package_dir, reference_file
+from voxtral_coreml.pipeline.runner import configure_logging
+from voxtral_coreml.sources.extract import load_extracted
 
 
 def naive_convert(model: str, out: Path) -> dict:
     """The baseline: transformers' modules, torch.jit.trace with a real forward, ct.convert to fp16."""
     import coremltools as ct
 
-    from voxtral_coreml.reference import TransformersReference
+    from voxtral_coreml.encoders.reference import TransformersReference
 
     weights, dims, _ = load_extracted(extracted_dir(model))
     reference = TransformersReference(weights, dims)
@@ -58,9 +58,9 @@ def naive_convert(model: str, out: Path) -> dict:
 
 def attention_variant(model: str, attention: str, out: Path) -> dict:
     """Convert with one attention core: its op count (Neural Engine compile time grows with it)."""
-    from voxtral_coreml.conf import build_settings
-    from voxtral_coreml.convert import convert_package
-    from voxtral_coreml.recipes import Recipe
+    from voxtral_coreml.export.convert import convert_package
+    from voxtral_coreml.export.recipes import Recipe
+    from voxtral_coreml.pipeline.conf import build_settings
 
     manifest = convert_package(
         extracted_dir(model), out, Recipe("fp16", "fp16", "iOS16", 0.0), model_name=model, variant="Mini",
@@ -71,7 +71,7 @@ def attention_variant(model: str, attention: str, out: Path) -> dict:
 
 def validate(model: str, recipe: str) -> dict:
     """The validate stage's work without its gate, so every recipe's PSNR is recorded, even below the gate."""
-    from voxtral_coreml.validate import validate_package
+    from voxtral_coreml.check.validate import validate_package
 
     reference = load_reference(reference_file(model))
     metrics, timings = validate_package(package_dir(model, recipe), reference, 0.0, enforce_gate=False)
@@ -83,9 +83,9 @@ def hub_fetch(model: str, out: Path) -> dict:
     import os
     import sys
 
-    from voxtral_coreml.hub import fetch_tensors
-    from voxtral_coreml.layouts import is_encoder_tensor_any_layout
-    from voxtral_coreml.paths import checkpoint_dir
+    from voxtral_coreml.pipeline.paths import checkpoint_dir
+    from voxtral_coreml.sources.hub import fetch_tensors
+    from voxtral_coreml.sources.layouts import is_encoder_tensor_any_layout
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from hub_server import FakeRepo, HubServer
@@ -107,7 +107,7 @@ def hub_fetch(model: str, out: Path) -> dict:
 
 def mil_forward(model: str, recipe: str) -> dict:
     """One window through the MIL runtime (load excluded)."""
-    from voxtral_coreml.milrun import load_package
+    from voxtral_coreml.check.milrun import load_package
 
     package, _ = find_package(package_dir(model, recipe))
     mil = load_package(package)
@@ -119,7 +119,7 @@ def mil_forward(model: str, recipe: str) -> dict:
 
 def reference_forward(model: str) -> dict:
     """One window through transformers' get_audio_features in fp32 (load excluded)."""
-    from voxtral_coreml.reference import TransformersReference
+    from voxtral_coreml.encoders.reference import TransformersReference
 
     weights, dims, _ = load_extracted(extracted_dir(model))
     reference = TransformersReference(weights, dims)
@@ -131,7 +131,7 @@ def reference_forward(model: str) -> dict:
 
 def coreml_latency(model: str, recipe: str, compute_units: str) -> dict:  # pragma: no cover
     """macOS only: Core ML's first load (compilation for the chosen units included) and median latency per window."""
-    from voxtral_coreml.backends import run_coreml
+    from voxtral_coreml.check.backends import run_coreml
 
     package, _ = find_package(package_dir(model, recipe))
     _, timings = run_coreml(package, load_reference(reference_file(model))["mel"], compute_units)
@@ -140,8 +140,8 @@ def coreml_latency(model: str, recipe: str, compute_units: str) -> dict:  # prag
 
 def stream_convert(model: str, k: int, out: Path) -> dict:
     """The stateful streaming step of a Realtime model: ops, GFLOPs per step, state bytes, package size."""
-    from voxtral_coreml.families import family_of_extracted
-    from voxtral_coreml.recipes import Recipe
+    from voxtral_coreml.encoders.families import family_of_extracted
+    from voxtral_coreml.export.recipes import Recipe
 
     family, streaming = family_of_extracted(extracted_dir(model)), {"form": "stateful", "tokens_per_step": k}
     manifest = family.convert_package(
@@ -161,8 +161,8 @@ STEPS_TIMED = 8  # after the ring buffer holds some past: steps 2..9 of a stream
 
 def mil_step(model: str, k: int, out: Path) -> dict:
     """The MIL runtime's median time per streaming step (load excluded)."""
-    from voxtral_coreml.realtime.family import speech_window
-    from voxtral_coreml.realtime.stream import Streamer, load_streaming_model
+    from voxtral_coreml.encoders.realtime.family import speech_window
+    from voxtral_coreml.encoders.realtime.stream import Streamer, load_streaming_model
 
     package, manifest = find_package(out)
     streamer = Streamer(load_streaming_model("mil", package), manifest["streaming"], str(package))
@@ -178,8 +178,8 @@ def mil_step(model: str, k: int, out: Path) -> dict:
 
 def reference_step(model: str, k: int, out: Path) -> dict:
     """transformers' streaming get_audio_features (padding_cache, cache), median time per step of k tokens."""
-    from voxtral_coreml.realtime.family import speech_window
-    from voxtral_coreml.realtime.reference import RealtimeReference
+    from voxtral_coreml.encoders.realtime.family import speech_window
+    from voxtral_coreml.encoders.realtime.reference import RealtimeReference
 
     weights, dims, _ = load_extracted(extracted_dir(model))
     model_ref = RealtimeReference(weights, dims).model

@@ -20,25 +20,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxtral_coreml.atomic import write_json_atomic, write_text_atomic
-from voxtral_coreml.calibration import calibrate
-from voxtral_coreml.convert import convert_package, tree_size
-from voxtral_coreml.ct2 import read_ct2_model
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.espeak import clips, speech
-from voxtral_coreml.extract import extract_audio_tower, load_extracted
-from voxtral_coreml.features import log_mel_windows
-from voxtral_coreml.markdown import table_head, table_row
-from voxtral_coreml.metrics import token_cosine_stats
-from voxtral_coreml.milrun import load_package
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import ARTIFACTS
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.reference import TransformersReference
-from voxtral_coreml.sources import materialize_checkpoint
-from voxtral_coreml.torch_compress import TORCH_KINDS, load_calibration, save_calibration
-from voxtral_coreml.whisper_ct2 import installed_parts
-from voxtral_coreml.whisper_decoder import WhisperDecoder, token_agreement
+from voxtral_coreml.check.milrun import load_package
+from voxtral_coreml.check.whisper_decoder import WhisperDecoder, token_agreement
+from voxtral_coreml.encoders.reference import TransformersReference
+from voxtral_coreml.export.calibration import calibrate
+from voxtral_coreml.export.convert import convert_package, tree_size
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.export.torch_compress import TORCH_KINDS, load_calibration, save_calibration
+from voxtral_coreml.features.espeak import clips, speech
+from voxtral_coreml.features.logmel import log_mel_windows
+from voxtral_coreml.numerics.metrics import token_cosine_stats
+from voxtral_coreml.pipeline.atomic import write_json_atomic, write_text_atomic
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import ARTIFACTS
+from voxtral_coreml.report.markdown import table_head, table_row
+from voxtral_coreml.sources.ct2 import read_ct2_model
+from voxtral_coreml.sources.download import materialize_checkpoint
+from voxtral_coreml.sources.extract import extract_audio_tower, load_extracted
+from voxtral_coreml.sources.whisper_ct2 import installed_parts
 
 MODEL = "whisper-base"
 OUT = Path(ARTIFACTS) / "bench" / "trained"
@@ -85,7 +85,7 @@ def encoder_states_model(package: Path):
     main = model.program.functions["main"]
     projector_in = [op for op in main.operations if op.op_type == "conv"][-2].inputs["x"]
     main.set_outputs([projector_in])
-    from voxtral_coreml.milrun import load_program
+    from voxtral_coreml.check.milrun import load_program
 
     return load_program(model.program)
 

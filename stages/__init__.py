@@ -32,6 +32,6 @@ if (_missing := _missing_dependency()) is not None:
     )
     sys.exit(2)
 
-from voxtral_coreml.runner import silence_known_warnings  # noqa: E402  (only once the dependencies are known present)
+from voxtral_coreml.pipeline.runner import silence_known_warnings  # noqa: E402  (only once the dependencies are known present)
 
 silence_known_warnings()  # before the stage's own imports (coremltools warns on import)

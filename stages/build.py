@@ -1,11 +1,11 @@
 """build@<model>: the ANE module with the extracted weights, and its parity with transformers (float64)."""
 
-from voxtral_coreml.atomic import atomic_path, write_json_atomic
-from voxtral_coreml.families import family_of_extracted
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import extracted_dir, parity_file, reference_file
-from voxtral_coreml.reference import check_parity, save_reference
-from voxtral_coreml.runner import run, stage_args
+from voxtral_coreml.encoders.families import family_of_extracted
+from voxtral_coreml.encoders.reference import check_parity, save_reference
+from voxtral_coreml.pipeline.atomic import atomic_path, write_json_atomic
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import extracted_dir, parity_file, reference_file
+from voxtral_coreml.pipeline.runner import run, stage_args
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """convert@<model>-<recipe>: torch.export + ct.convert into artifacts/packages/<model>/<recipe>/."""
 
-from voxtral_coreml.atomic import atomic_path
-from voxtral_coreml.families import family_of_extracted
-from voxtral_coreml.layouts import read_json
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import calibration_file, extracted_dir, package_dir, sensitivity_file
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.runner import run, stage_args
-from voxtral_coreml.torch_compress import TORCH_KINDS, load_calibration
+from voxtral_coreml.encoders.families import family_of_extracted
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.export.torch_compress import TORCH_KINDS, load_calibration
+from voxtral_coreml.pipeline.atomic import atomic_path
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import calibration_file, extracted_dir, package_dir, sensitivity_file
+from voxtral_coreml.pipeline.runner import run, stage_args
+from voxtral_coreml.sources.layouts import read_json
 
 
 def main() -> None:

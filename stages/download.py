@@ -1,9 +1,9 @@
 """download@<model>: materialize the model's checkpoint from its source (params: models.<model>.source)."""
 
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import checkpoint_dir
-from voxtral_coreml.runner import run, stage_args
-from voxtral_coreml.sources import materialize_checkpoint
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import checkpoint_dir
+from voxtral_coreml.pipeline.runner import run, stage_args
+from voxtral_coreml.sources.download import materialize_checkpoint
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
 """convert-<format>@<model>-<recipe>: the encoder in another export format (coreai) into artifacts/<format>/."""
 
-from voxtral_coreml.atomic import atomic_path
-from voxtral_coreml.families import family_of_extracted
-from voxtral_coreml.formats import export_format
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import export_dir, extracted_dir
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.runner import run, stage_args
+from voxtral_coreml.encoders.families import family_of_extracted
+from voxtral_coreml.export.formats import export_format
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.pipeline.atomic import atomic_path
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import export_dir, extracted_dir
+from voxtral_coreml.pipeline.runner import run, stage_args
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """extract@<model>: stream the audio tower + projector into one canonical safetensors file."""
 
-from voxtral_coreml.extract import extract_audio_tower
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import checkpoint_dir, extracted_dir
-from voxtral_coreml.runner import run, stage_args
-from voxtral_coreml.sources import checkpoint_root, public_source_info
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import checkpoint_dir, extracted_dir
+from voxtral_coreml.pipeline.runner import run, stage_args
+from voxtral_coreml.sources.download import checkpoint_root, public_source_info
+from voxtral_coreml.sources.extract import extract_audio_tower
 
 
 def main() -> None:

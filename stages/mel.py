@@ -1,10 +1,10 @@
 """mel@<precision>: the mel front-end package into artifacts/mel/<precision>/, validated, with DVC metrics."""
 
-from voxtral_coreml.atomic import atomic_path, write_json_atomic
-from voxtral_coreml.mel import PACKAGE_NAME, convert_mel_package, validate_mel_package
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import mel_metrics_file, mel_package_dir
-from voxtral_coreml.runner import run, stage_args
+from voxtral_coreml.features.mel_package import PACKAGE_NAME, convert_mel_package, validate_mel_package
+from voxtral_coreml.pipeline.atomic import atomic_path, write_json_atomic
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import mel_metrics_file, mel_package_dir
+from voxtral_coreml.pipeline.runner import run, stage_args
 
 
 def main() -> None:

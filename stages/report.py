@@ -7,9 +7,9 @@ sweep result into artifacts/sweeps/ (not DVC outputs: sweeps live outside DVC, s
 
 import argparse
 
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.report import write_pipeline_report, write_sweeps_report
-from voxtral_coreml.runner import run
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.runner import run
+from voxtral_coreml.report.table import write_pipeline_report, write_sweeps_report
 
 
 def main() -> None:

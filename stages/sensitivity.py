@@ -5,13 +5,13 @@ Other recipes need neither: their files say so (an empty .safetensors), so every
 own files alone.
 """
 
-from voxtral_coreml.atomic import atomic_path, write_json_atomic
-from voxtral_coreml.families import family_of_extracted
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import calibration_file, extracted_dir, sensitivity_file
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.runner import run, stage_args
-from voxtral_coreml.torch_compress import TORCH_KINDS, save_calibration
+from voxtral_coreml.encoders.families import family_of_extracted
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.export.torch_compress import TORCH_KINDS, save_calibration
+from voxtral_coreml.pipeline.atomic import atomic_path, write_json_atomic
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import calibration_file, extracted_dir, sensitivity_file
+from voxtral_coreml.pipeline.runner import run, stage_args
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     elif recipe.kind != "mixed":
         table = {"recipe": recipe.name, "kind": recipe.kind, "scan": "not needed"}
     else:
-        from voxtral_coreml.sensitivity import scan_sensitivity
+        from voxtral_coreml.export.sensitivity import scan_sensitivity
 
         settings = lookup(params, "sensitivity")
         table = scan_sensitivity(

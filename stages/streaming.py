@@ -1,13 +1,13 @@
 """streaming@<model>-<recipe>-<form>-k<k>: a Realtime streaming package (convert), streamed against transformers'
 own streaming (validate), into artifacts/streaming/ with DVC metrics (params: pipeline.streaming, recipes)."""
 
-from voxtral_coreml.atomic import atomic_path, write_json_atomic
-from voxtral_coreml.families import family_of_extracted
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import extracted_dir, streaming_dir, streaming_metrics_file
-from voxtral_coreml.realtime.stream import validate_streaming
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.runner import run, stage_args
+from voxtral_coreml.encoders.families import family_of_extracted
+from voxtral_coreml.encoders.realtime.stream import validate_streaming
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.pipeline.atomic import atomic_path, write_json_atomic
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import extracted_dir, streaming_dir, streaming_metrics_file
+from voxtral_coreml.pipeline.runner import run, stage_args
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""sweep: conversions outside DVC as a Hydra multirun, each job's result cached by content (voxtral_coreml/sweep.py).
+"""sweep: conversions outside DVC as a Hydra multirun, each job's result cached by content (export/sweep.py).
 
     python -m stages.sweep -m model=demo-mini recipe=pal4g recipe.group_size=8,16,32 [hydra/launcher=local]
 
@@ -17,12 +17,12 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import sweeps_dir
-from voxtral_coreml.report import write_sweeps_report
-from voxtral_coreml.runner import configure_logging
-from voxtral_coreml.sweep import SweepJob, run_job
+from voxtral_coreml.export.sweep import SweepJob, run_job
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import sweeps_dir
+from voxtral_coreml.pipeline.runner import configure_logging
+from voxtral_coreml.report.table import write_sweeps_report
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")

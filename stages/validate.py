@@ -1,10 +1,10 @@
 """validate@<model>-<recipe>: run the package, compare with transformers, write DVC metrics."""
 
-from voxtral_coreml.atomic import write_json_atomic
-from voxtral_coreml.params import load_params, lookup
-from voxtral_coreml.paths import metrics_file, package_dir, reference_file, timings_file
-from voxtral_coreml.runner import run, stage_args
-from voxtral_coreml.validate import load_reference, validate_package
+from voxtral_coreml.check.validate import load_reference, validate_package
+from voxtral_coreml.pipeline.atomic import write_json_atomic
+from voxtral_coreml.pipeline.params import load_params, lookup
+from voxtral_coreml.pipeline.paths import metrics_file, package_dir, reference_file, timings_file
+from voxtral_coreml.pipeline.runner import run, stage_args
 
 
 def main() -> None:

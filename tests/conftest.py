@@ -18,11 +18,11 @@ import soundfile
 from hub_server import HubServer
 from huggingface_hub import constants
 
-from voxtral_coreml.conf import build_settings
-from voxtral_coreml.dims import EncoderDims
-from voxtral_coreml.extract import extract_audio_tower
-from voxtral_coreml.features import SAMPLE_RATE, builtin_speech_clip, load_audio
-from voxtral_coreml.synthetic import LanguageModelShape, write_synthetic_checkpoint
+from voxtral_coreml.encoders.dims import EncoderDims
+from voxtral_coreml.features.logmel import SAMPLE_RATE, builtin_speech_clip, load_audio
+from voxtral_coreml.pipeline.conf import build_settings
+from voxtral_coreml.sources.extract import extract_audio_tower
+from voxtral_coreml.sources.synthetic import LanguageModelShape, write_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -42,10 +42,10 @@ STAGES = (
 def fp32_canary() -> str:
     """sha256 of transformers' fp32 embeddings of the speech window, features in fp32: the last bits of PyTorch's CPU
     kernels (BLAS, vectorized math, thread split)."""
-    from voxtral_coreml.extract import load_extracted
-    from voxtral_coreml.features import builtin_speech_clip, load_audio, log_mel_windows
-    from voxtral_coreml.paths import extracted_dir
-    from voxtral_coreml.reference import TransformersReference
+    from voxtral_coreml.encoders.reference import TransformersReference
+    from voxtral_coreml.features.logmel import builtin_speech_clip, load_audio, log_mel_windows
+    from voxtral_coreml.pipeline.paths import extracted_dir
+    from voxtral_coreml.sources.extract import load_extracted
 
     weights, dims, _ = load_extracted(extracted_dir(MODEL))
     mel = log_mel_windows(load_audio(builtin_speech_clip()))[:1]
@@ -61,8 +61,8 @@ def run_stages(stages: tuple[tuple[str, list[str]], ...]) -> None:
 
 def setup(repo: Path) -> None:
     from conftest import write_checkpoint
-    from voxtral_coreml.extract import extract_audio_tower
-    from voxtral_coreml.paths import extracted_dir
+    from voxtral_coreml.pipeline.paths import extracted_dir
+    from voxtral_coreml.sources.extract import extract_audio_tower
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pipeline"].update(PIPELINE)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from voxtral_coreml.dims import CONV_WEIGHTS, POSITIONS_KEY, EncoderDims, canonical_tensor_shapes
-from voxtral_coreml.layouts.mistral import mistral_name
-from voxtral_coreml.model import whisper_sinusoids
-from voxtral_coreml.synthetic import DTYPE, LanguageModelShape, audio_tensor, hf_config
+from voxtral_coreml.encoders.dims import CONV_WEIGHTS, POSITIONS_KEY, EncoderDims, canonical_tensor_shapes
+from voxtral_coreml.encoders.model import whisper_sinusoids
+from voxtral_coreml.sources.layouts.mistral import mistral_name
+from voxtral_coreml.sources.synthetic import DTYPE, LanguageModelShape, audio_tensor, hf_config
 
 TORCH_TO_MX = {torch.bfloat16: mx.bfloat16, torch.float16: mx.float16, torch.float32: mx.float32}
 

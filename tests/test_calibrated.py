@@ -10,17 +10,17 @@ import torch
 import yaml
 
 from conftest import BUILD, REPO, tree_digests
-from voxtral_coreml.backends import run_mil
-from voxtral_coreml.calibration import calibrate
-from voxtral_coreml.convert import convert_package
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import load_extracted
-from voxtral_coreml.features import speech_mel
-from voxtral_coreml.metrics import psnr_db
-from voxtral_coreml.model import build_ane_encoder
-from voxtral_coreml.package_info import package_structure
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.torch_compress import TORCH_KINDS, load_calibration, save_calibration
+from voxtral_coreml.check.backends import run_mil
+from voxtral_coreml.encoders.model import build_ane_encoder
+from voxtral_coreml.export.calibration import calibrate
+from voxtral_coreml.export.convert import convert_package
+from voxtral_coreml.export.package_info import package_structure
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.export.torch_compress import TORCH_KINDS, load_calibration, save_calibration
+from voxtral_coreml.features.logmel import speech_mel
+from voxtral_coreml.numerics.metrics import psnr_db
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.extract import load_extracted
 
 CONFIGS = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((REPO / "conf" / "recipe").glob("*.yaml"))}
 TORCH_RECIPES = sorted(name for name, cfg in CONFIGS.items() if cfg["kind"] in TORCH_KINDS)

@@ -10,8 +10,8 @@ from layout_writers import MLXQuant, write_mlx_checkpoint
 
 from conftest import BUILD, DEMO_DIMS, DEMO_LM, cli, write_checkpoint
 from voxtral_coreml import __version__
-from voxtral_coreml.dims import EncoderDims
-from voxtral_coreml.extract import extract_audio_tower
+from voxtral_coreml.encoders.dims import EncoderDims
+from voxtral_coreml.sources.extract import extract_audio_tower
 
 DEMO_SMALL_DIMS = EncoderDims(d_model=64, n_layers=3, n_heads=4, ffn_dim=256, hidden_size=160)  # conf/model/demo-small
 

@@ -13,8 +13,10 @@ import yaml
 from scipy.stats import spearmanr
 
 from conftest import BUILD, REPO
-from voxtral_coreml.backends import run_mil
-from voxtral_coreml.compress import (
+from voxtral_coreml.check.backends import run_mil
+from voxtral_coreml.encoders.dims import WEIGHTS_FILE
+from voxtral_coreml.encoders.model import VoxtralEncoderANE, build_ane_encoder
+from voxtral_coreml.export.compress import (
     compress_mlmodel,
     compressible_weights,
     decompress_mlmodel,
@@ -23,17 +25,10 @@ from voxtral_coreml.compress import (
     stored_tensor_sizes,
     weight_op_names,
 )
-from voxtral_coreml.convert import convert_package, convert_to_mlprogram
-from voxtral_coreml.dims import WEIGHTS_FILE
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import load_extracted
-from voxtral_coreml.features import speech_mel
-from voxtral_coreml.metrics import psnr_db
-from voxtral_coreml.model import VoxtralEncoderANE, build_ane_encoder
-from voxtral_coreml.package_info import SPEC_VERSION, package_structure
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.safetensors_io import TensorSpec, write_safetensors
-from voxtral_coreml.sensitivity import (
+from voxtral_coreml.export.convert import convert_package, convert_to_mlprogram
+from voxtral_coreml.export.package_info import SPEC_VERSION, package_structure
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.export.sensitivity import (
     DEFAULT_FRAMES,
     _stages,
     calibration_encoder,
@@ -42,7 +37,12 @@ from voxtral_coreml.sensitivity import (
     program_bits,
     scan_sensitivity,
 )
-from voxtral_coreml.torch_compress import TORCH_KINDS
+from voxtral_coreml.export.torch_compress import TORCH_KINDS
+from voxtral_coreml.features.logmel import speech_mel
+from voxtral_coreml.numerics.metrics import psnr_db
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.extract import load_extracted
+from voxtral_coreml.sources.safetensors_io import TensorSpec, write_safetensors
 
 # Recipes compressing the converted program (the torch-side kinds: test_calibrated.py).
 RECIPES = sorted(

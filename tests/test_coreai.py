@@ -15,23 +15,23 @@ import yaml
 from torch import nn
 
 from conftest import DEMO_DIMS, REPO, cli, speech, tree_digests, write_speech
+from voxtral_coreml.check.coreai_backend import load_asset
 from voxtral_coreml.cli import recipe_config
-from voxtral_coreml.coreai_backend import load_asset
-from voxtral_coreml.coreai_export import compression_settings, export_asset
 from voxtral_coreml.encode import encode_audio
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import extract_audio_tower, load_extracted
-from voxtral_coreml.families import family_module
-from voxtral_coreml.features import load_audio
-from voxtral_coreml.formats import FORMATS
-from voxtral_coreml.metrics import compare_embeddings
-from voxtral_coreml.model import whisper_sinusoids
-from voxtral_coreml.params import compose_params
-from voxtral_coreml.realtime.features import realtime_log_mel
-from voxtral_coreml.realtime.reference import RealtimeReference
-from voxtral_coreml.realtime.stream import stream_mel
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.reference import TransformersReference, processor_features, reference_config
+from voxtral_coreml.encoders.families import family_module
+from voxtral_coreml.encoders.model import whisper_sinusoids
+from voxtral_coreml.encoders.realtime.features import realtime_log_mel
+from voxtral_coreml.encoders.realtime.reference import RealtimeReference
+from voxtral_coreml.encoders.realtime.stream import stream_mel
+from voxtral_coreml.encoders.reference import TransformersReference, processor_features, reference_config
+from voxtral_coreml.export.coreai import compression_settings, export_asset
+from voxtral_coreml.export.formats import FORMATS
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.features.logmel import load_audio
+from voxtral_coreml.numerics.metrics import compare_embeddings
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.params import compose_params
+from voxtral_coreml.sources.extract import extract_audio_tower, load_extracted
 
 DEMO_COREAI_RECIPES = ["fp16", "int8", "pal4g"]  # conf/config.yaml's pipeline.coreai.recipes (a test checks)
 
@@ -208,7 +208,7 @@ def test_a_checkpoint_written_by_transformers_converts_and_encodes_70_s(tmp_path
 
 
 def test_an_asset_runs_only_on_apples_runtime(demo_repo: Path) -> None:
-    from voxtral_coreml.validate import load_reference, validate_package
+    from voxtral_coreml.check.validate import load_reference, validate_package
 
     reference = load_reference(demo_repo / "artifacts" / "reference" / "demo-mini" / "reference.safetensors")
     with pytest.raises(VoxtralError, match=r"a Core AI asset runs on the coreai backend \(or auto\), not 'mil'"):

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from conftest import REPO, output_digests, run
-from voxtral_coreml.metrics import compare_embeddings, psnr_db
-from voxtral_coreml.stable import (
+from voxtral_coreml.numerics.metrics import compare_embeddings, psnr_db
+from voxtral_coreml.numerics.stable import (
     FLOAT64_RESOLUTION_DB,
     STORED_BITS,
     exact_sum,

@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO
 
 PROJECT_PACKAGES = ("stages", "voxtral_coreml")
+MODULE_NAME = re.compile(r"voxtral_coreml(\.\w+)+")  # a module loaded by name (importlib.import_module)
 
 
 def module_file(module: str) -> Path | None:
@@ -35,7 +36,8 @@ def module_name(path: Path) -> str:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module an import statement of `path` names (absolute, relative, `from x import submodule`)."""
+    """Every module an import statement of `path` names (absolute, relative, `from x import submodule`), and every
+    project module a string names whole: what a registry loads by name with importlib (families.py's FAMILIES)."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -49,6 +51,8 @@ def imported_modules(path: Path) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # a submodule, if it is one
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_NAME.fullmatch(node.value):
+            found.add(node.value)
     return found
 
 
@@ -106,9 +110,19 @@ def test_stage_deps_are_the_code_it_imports(name: str) -> None:
 
 def test_the_import_reader_follows_lazy_relative_and_package_imports() -> None:
     used = {str(f.relative_to(REPO)) for f in project_files_used("stages.sensitivity")}
-    assert "voxtral_coreml/sensitivity.py" in used  # imported inside main()
+    assert "voxtral_coreml/export/sensitivity.py" in used  # imported inside main()
     assert "voxtral_coreml/__init__.py" in used and "stages/__init__.py" in used
-    assert "voxtral_coreml/layouts/hf.py" in used  # through layouts/__init__.py's relative imports
+    assert "voxtral_coreml/sources/layouts/hf.py" in used  # through layouts/__init__.py's relative imports
+
+
+def test_the_import_reader_follows_the_family_registry() -> None:
+    """families.py loads each family by name: the convert stage runs their modules, so a change there reruns it."""
+    used = {str(f.relative_to(REPO)) for f in project_files_used("stages.convert")}
+    assert {
+        "voxtral_coreml/export/convert.py",
+        "voxtral_coreml/encoders/family_2507.py",
+        "voxtral_coreml/encoders/realtime/export.py",
+    } <= used
 
 
 def test_the_report_stage_imports_neither_torch_nor_transformers() -> None:

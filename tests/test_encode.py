@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 
 from conftest import cli, write_speech
 from voxtral_coreml.cli import recipe_config
-from voxtral_coreml.convert import MANIFEST
 from voxtral_coreml.encode import encode_audio, save_embeddings
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import load_extracted
-from voxtral_coreml.features import load_audio
-from voxtral_coreml.mel import PACKAGE_NAME as MEL_PACKAGE
-from voxtral_coreml.metrics import compare_embeddings
-from voxtral_coreml.reference import TransformersReference, processor_features
+from voxtral_coreml.encoders.reference import TransformersReference, processor_features
+from voxtral_coreml.export.convert import MANIFEST
+from voxtral_coreml.features.logmel import load_audio
+from voxtral_coreml.features.mel_package import PACKAGE_NAME as MEL_PACKAGE
+from voxtral_coreml.numerics.metrics import compare_embeddings
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.extract import load_extracted
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import voxtral_coreml.layouts.base as layout_base
+import voxtral_coreml.sources.layouts.base as layout_base
 from conftest import DEMO_DIMS, write_checkpoint
-from voxtral_coreml.dims import ENCODER_JSON, POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import extract_audio_tower, load_extracted
-from voxtral_coreml.safetensors_io import read_header, read_tensor
+from voxtral_coreml.encoders.dims import ENCODER_JSON, POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.extract import extract_audio_tower, load_extracted
+from voxtral_coreml.sources.safetensors_io import read_header, read_tensor
 
 
 def _source_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -32,21 +32,22 @@ from safetensors.torch import load_file
 from test_hub import FAST, SHARDS, audio_or_projector, cdn_data, data_of, voxtral_like, write_sharded
 
 from conftest import DVC, copy_project, env_with_venv, run, tree_digests
-from voxtral_coreml import paths, ranges
-from voxtral_coreml.atomic import DISK_FULL, STAGING_PREFIX, write_json_atomic
-from voxtral_coreml.hub import fetch_tensors
-from voxtral_coreml.ranges import RetryPolicy
-from voxtral_coreml.runner import EXIT_USER_ERROR
+from voxtral_coreml.pipeline import paths
+from voxtral_coreml.pipeline.atomic import DISK_FULL, STAGING_PREFIX, write_json_atomic
+from voxtral_coreml.pipeline.runner import EXIT_USER_ERROR
+from voxtral_coreml.sources import ranges
+from voxtral_coreml.sources.hub import fetch_tensors
+from voxtral_coreml.sources.ranges import RetryPolicy
 
 PROBES = Path(__file__).resolve().parent / "probes"
 MODEL, RECIPE = "demo-mini", "fp16"
 
 # Where each stage is paused to be killed, and what it is doing then.
 KILL_POINTS = {
-    "download": "voxtral_coreml.sources:write_json_atomic",  # checkpoint written into staging, source.json not yet
-    "extract": "voxtral_coreml.extract:update_weights_hash",  # header written, the first tensor being hashed
-    "convert": "voxtral_coreml.convert:canonicalize_package",  # package saved into staging, not yet canonical
-    "validate": "voxtral_coreml.validate:compare_embeddings",  # the package has run, metrics not yet written
+    "download": "voxtral_coreml.sources.download:write_json_atomic",  # checkpoint in staging, no source.json yet
+    "extract": "voxtral_coreml.sources.extract:update_weights_hash",  # header written, the first tensor being hashed
+    "convert": "voxtral_coreml.export.convert:canonicalize_package",  # package saved into staging, not yet canonical
+    "validate": "voxtral_coreml.check.validate:compare_embeddings",  # the package has run, metrics not yet written
 }
 OUTPUTS = {
     "download": paths.checkpoint_dir(MODEL),

@@ -10,10 +10,10 @@ import soundfile
 import soxr
 
 from conftest import speech
-from voxtral_coreml.dims import MEL_BINS, MEL_FRAMES
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.features import HOP_LENGTH, MIN_SAMPLES, SAMPLE_RATE, load_audio, log_mel_windows
-from voxtral_coreml.reference import processor_features
+from voxtral_coreml.encoders.dims import MEL_BINS, MEL_FRAMES
+from voxtral_coreml.encoders.reference import processor_features
+from voxtral_coreml.features.logmel import HOP_LENGTH, MIN_SAMPLES, SAMPLE_RATE, load_audio, log_mel_windows
+from voxtral_coreml.pipeline.errors import VoxtralError
 
 TOLERANCE = 1e-4
 

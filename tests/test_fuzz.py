@@ -21,13 +21,13 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.hub import _read_weight_map
-from voxtral_coreml.layouts.hf import hf_dims
-from voxtral_coreml.layouts.mlx_quant import module_params, quantization_section
-from voxtral_coreml.milrun.package import _root_model_path
-from voxtral_coreml.safetensors_io import DTYPES, TensorSpec, encode_header, read_header
-from voxtral_coreml.validate import read_manifest
+from voxtral_coreml.check.milrun.package import _root_model_path
+from voxtral_coreml.check.validate import read_manifest
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.hub import _read_weight_map
+from voxtral_coreml.sources.layouts.hf import hf_dims
+from voxtral_coreml.sources.layouts.mlx_quant import module_params, quantization_section
+from voxtral_coreml.sources.safetensors_io import DTYPES, TensorSpec, encode_header, read_header
 
 EXAMPLES = 500  # per parser: 8 parsers, 4 000 generated inputs in all
 HANG_S = 5  # one input taking longer than this is a hang

@@ -15,9 +15,9 @@ from hub_server import FakeRepo, Hit, HubServer, ranged
 from huggingface_hub import constants, hf_hub_download
 from safetensors.torch import load_file, save_file
 
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.hub import fetch_tensors
-from voxtral_coreml.ranges import ByteRange, RetryPolicy, merge_ranges
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.hub import fetch_tensors
+from voxtral_coreml.sources.ranges import ByteRange, RetryPolicy, merge_ranges
 
 FAST = RetryPolicy(attempts=3, base_wait=0.01, max_wait=0.05, timeout=10)
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]

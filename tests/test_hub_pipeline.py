@@ -10,11 +10,11 @@ from hub_server import FakeRepo, HubServer
 from layout_writers import write_mistral_checkpoint
 
 from conftest import BIN, DEMO_DIMS, DEMO_LM, copy_project, run, write_checkpoint
-from voxtral_coreml import paths
-from voxtral_coreml.convert import MANIFEST
-from voxtral_coreml.dims import ENCODER_JSON
-from voxtral_coreml.layouts.mistral import canonical_name
-from voxtral_coreml.safetensors_io import read_header
+from voxtral_coreml.encoders.dims import ENCODER_JSON
+from voxtral_coreml.export.convert import MANIFEST
+from voxtral_coreml.pipeline import paths
+from voxtral_coreml.sources.layouts.mistral import canonical_name
+from voxtral_coreml.sources.safetensors_io import read_header
 
 
 def _use_hub_models(project: Path, repos: dict[str, FakeRepo]) -> None:

@@ -13,15 +13,15 @@ import torch
 from layout_writers import MLXQuant, canonical_weights, mx_to_torch, write_mistral_checkpoint, write_mlx_checkpoint
 from safetensors.torch import load_file, save_file
 
-import voxtral_coreml.layouts.mlx as mlx_layout
+import voxtral_coreml.sources.layouts.mlx as mlx_layout
 from conftest import DEMO_DIMS, DEMO_LM, write_checkpoint
-from voxtral_coreml.dims import POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import extract_audio_tower
-from voxtral_coreml.layouts import is_encoder_tensor_any_layout, mlx_quant, open_layout
-from voxtral_coreml.layouts.mistral import canonical_name, mistral_name
-from voxtral_coreml.layouts.mlx_quant import AFFINE_BITS, GROUP_SIZES, QuantParams, dequantize
-from voxtral_coreml.safetensors_io import read_header, read_tensor
+from voxtral_coreml.encoders.dims import POSITIONS_KEY, WEIGHTS_FILE, EncoderDims, canonical_tensor_shapes
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.extract import extract_audio_tower
+from voxtral_coreml.sources.layouts import is_encoder_tensor_any_layout, mlx_quant, open_layout
+from voxtral_coreml.sources.layouts.mistral import canonical_name, mistral_name
+from voxtral_coreml.sources.layouts.mlx_quant import AFFINE_BITS, GROUP_SIZES, QuantParams, dequantize
+from voxtral_coreml.sources.safetensors_io import read_header, read_tensor
 
 # Group size 128 needs every quantized row (d_model, ffn, H, 4 * d_model) to be a multiple of 128.
 QDIMS = EncoderDims(d_model=128, n_layers=1, n_heads=4, ffn_dim=256, hidden_size=128)

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from conftest import speech, write_speech
-from voxtral_coreml.convert import MANIFEST
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.features import WINDOW_SAMPLES, log_mel_windows
-from voxtral_coreml.mel import (
+from voxtral_coreml.check.milrun import SUPPORTED_OPS, load_package
+from voxtral_coreml.encoders.reference import processor_features
+from voxtral_coreml.export.convert import MANIFEST
+from voxtral_coreml.export.package_info import package_structure
+from voxtral_coreml.features.logmel import WINDOW_SAMPLES, log_mel_windows
+from voxtral_coreml.features.mel_package import (
     AUDIO_NAME,
     CENTER_PAD,
     PACKAGE_NAME,
@@ -24,10 +26,8 @@ from voxtral_coreml.mel import (
     pcm_window,
     validate_mel_package,
 )
-from voxtral_coreml.metrics import psnr_db
-from voxtral_coreml.milrun import SUPPORTED_OPS, load_package
-from voxtral_coreml.package_info import package_structure
-from voxtral_coreml.reference import processor_features
+from voxtral_coreml.numerics.metrics import psnr_db
+from voxtral_coreml.pipeline.errors import VoxtralError
 
 FP32_GATE_DB = 60.0
 FP16_FLOOR_DB = 50.0  # what the fp16 variant must keep; measured about 56 dB on speech

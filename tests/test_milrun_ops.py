@@ -18,8 +18,7 @@ from coremltools.converters.mil.mil import Program, types
 from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
 from torch import nn
 
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.milrun import (
+from voxtral_coreml.check.milrun import (
     SUPPORTED_OPS,
     TensorInfo,
     load_package,
@@ -27,8 +26,9 @@ from voxtral_coreml.milrun import (
     op_counts,
     program_op_types,
 )
-from voxtral_coreml.milrun import plan as milrun_plan
-from voxtral_coreml.milrun.package import read_package
+from voxtral_coreml.check.milrun import plan as milrun_plan
+from voxtral_coreml.check.milrun.package import read_package
+from voxtral_coreml.pipeline.errors import VoxtralError
 
 IOS16, IOS17, IOS18 = ct.target.iOS16, ct.target.iOS17, ct.target.iOS18
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.milrun import MilModel, load_package, op_counts
-from voxtral_coreml.package_info import SPEC_FILE, ane_report, package_structure
+from voxtral_coreml.check.milrun import MilModel, load_package, op_counts
+from voxtral_coreml.export.package_info import SPEC_FILE, ane_report, package_structure
+from voxtral_coreml.pipeline.errors import VoxtralError
 
 C, L, K, CONTEXT = 8, 6, 4, 2  # channels, ring slots, tokens per call (4 does not divide 6: writes wrap), conv context
 STEPS = 5  # 20 tokens through 6 slots: the ring wraps three times

@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import voxtral_coreml.model as model_module
+import voxtral_coreml.encoders.model as model_module
 from conftest import DEMO_DIMS
-from voxtral_coreml.attention import ATTENTION_CORES
-from voxtral_coreml.dims import EncoderDims, canonical_tensor_shapes
-from voxtral_coreml.extract import load_extracted
-from voxtral_coreml.features import speech_mel
-from voxtral_coreml.metrics import compare_embeddings
-from voxtral_coreml.model import build_ane_encoder, projector_conv_weight
-from voxtral_coreml.reference import TransformersReference, compute_reference
-from voxtral_coreml.synthetic import audio_tensor
+from voxtral_coreml.encoders.attention import ATTENTION_CORES
+from voxtral_coreml.encoders.dims import EncoderDims, canonical_tensor_shapes
+from voxtral_coreml.encoders.model import build_ane_encoder, projector_conv_weight
+from voxtral_coreml.encoders.reference import TransformersReference, compute_reference
+from voxtral_coreml.features.logmel import speech_mel
+from voxtral_coreml.numerics.metrics import compare_embeddings
+from voxtral_coreml.sources.extract import load_extracted
+from voxtral_coreml.sources.synthetic import audio_tensor
 
 PARITY_GATE_DB = 100.0
 

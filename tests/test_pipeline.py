@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from conftest import DVC, cli, copy_project, run, tree_digests
-from voxtral_coreml import paths
-from voxtral_coreml.paths import MANIFEST
-from voxtral_coreml.sources import checkpoint_root
+from voxtral_coreml.pipeline import paths
+from voxtral_coreml.pipeline.paths import MANIFEST
+from voxtral_coreml.sources.download import checkpoint_root
 
 DEMO_H = {"demo-mini": 96, "demo-small": 160}
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import DVC, REPO, copy_project, run
-from voxtral_coreml import paths
-from voxtral_coreml.attention import ATTENTION_CORES
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.params import compose_params, load_params, lookup
+from voxtral_coreml.encoders.attention import ATTENTION_CORES
+from voxtral_coreml.pipeline import paths
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.params import compose_params, load_params, lookup
 
 
 def test_params_yaml_is_the_composition_of_conf(tmp_path: Path) -> None:
@@ -76,6 +76,6 @@ def test_dvc_yaml_outputs_are_the_library_paths() -> None:
 
 def test_an_empty_mel_list_leaves_the_mel_stage_out(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo")
-    run([sys.executable, "-m", "voxtral_coreml.params", "pipeline.mel=[]"], repo)
+    run([sys.executable, "-m", "voxtral_coreml.pipeline.params", "pipeline.mel=[]"], repo)
     stages = run([DVC, "stage", "list", "--name-only"], repo).stdout.split()
     assert "report" in stages and not any(stage.startswith("mel") for stage in stages)

@@ -14,8 +14,8 @@ from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 
 from conftest import clone, run, tree_digests
 from voxtral_coreml import __version__
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.params import load_params
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.params import load_params
 from voxtral_coreml.publish import (
     CARD,
     Entry,

@@ -13,20 +13,20 @@ import torch
 from transformers import VoxtralRealtimeForConditionalGeneration
 
 from conftest import cli, speech, write_checkpoint, write_speech
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import extract_audio_tower, load_extracted
-from voxtral_coreml.families import family_module
-from voxtral_coreml.metrics import compare_embeddings, psnr_db
-from voxtral_coreml.milrun import load_package
-from voxtral_coreml.realtime.dims import STREAM_CHECK_FRAMES, RealtimeDims
-from voxtral_coreml.realtime.family import speech_window
-from voxtral_coreml.realtime.features import realtime_log_mel
-from voxtral_coreml.realtime.model import build_offline_encoder, build_step_encoder, initial_state
-from voxtral_coreml.realtime.reference import RealtimeReference, reference_config
-from voxtral_coreml.realtime.rope import MAX_TOKENS, exact_angles, step_rope, step_tables
-from voxtral_coreml.realtime.stream import Streamer, check_streaming, stream_mel
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.validate import find_package, validate_package
+from voxtral_coreml.check.milrun import load_package
+from voxtral_coreml.check.validate import find_package, validate_package
+from voxtral_coreml.encoders.families import family_module
+from voxtral_coreml.encoders.realtime.dims import STREAM_CHECK_FRAMES, RealtimeDims
+from voxtral_coreml.encoders.realtime.family import speech_window
+from voxtral_coreml.encoders.realtime.features import realtime_log_mel
+from voxtral_coreml.encoders.realtime.model import build_offline_encoder, build_step_encoder, initial_state
+from voxtral_coreml.encoders.realtime.reference import RealtimeReference, reference_config
+from voxtral_coreml.encoders.realtime.rope import MAX_TOKENS, exact_angles, step_rope, step_tables
+from voxtral_coreml.encoders.realtime.stream import Streamer, check_streaming, stream_mel
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.numerics.metrics import compare_embeddings, psnr_db
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.extract import extract_audio_tower, load_extracted
 
 DIMS = RealtimeDims(d_model=64, n_layers=2, n_heads=4, head_dim=32, ffn_dim=256, hidden_size=96, rope_theta=1e6)
 SOURCE = {"kind": "synthetic", "family": "realtime", "seed": 5, "dims": {

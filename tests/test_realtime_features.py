@@ -13,9 +13,7 @@ from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGen
 from transformers.models.voxtral_realtime.feature_extraction_voxtral_realtime import VoxtralRealtimeFeatureExtractor
 
 from conftest import speech
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.features import HOP_LENGTH, N_FFT, SAMPLE_RATE
-from voxtral_coreml.realtime.features import (
+from voxtral_coreml.encoders.realtime.features import (
     DELAY_TOKENS,
     FRAMES_PER_TOKEN,
     GLOBAL_LOG_MEL_MAX,
@@ -27,6 +25,8 @@ from voxtral_coreml.realtime.features import (
     realtime_log_mel,
     samples_until_final,
 )
+from voxtral_coreml.features.logmel import HOP_LENGTH, N_FFT, SAMPLE_RATE
+from voxtral_coreml.pipeline.errors import VoxtralError
 
 TOLERANCE = 1e-6  # measured here: 0 (bit for bit); BLAS libraries may differ in the last bit
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from conftest import DVC, GIT, REPO, clone, output_digests, run, tree_digests, write_checkpoint
-from voxtral_coreml.canonical import (
+from voxtral_coreml.export.canonical import (
     CONVERSION_DATE_KEY,
     PACKAGE_MANIFEST,
     canonicalize_package,
     item_identifier,
 )
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.package_info import SPEC_FILE
+from voxtral_coreml.export.package_info import SPEC_FILE
+from voxtral_coreml.pipeline.errors import VoxtralError
 
 PACKAGE = "VoxtralEncoderMini.mlpackage"
 WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.safetensors_io import TensorSpec, read_header, read_tensor, write_safetensors
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.safetensors_io import TensorSpec, read_header, read_tensor, write_safetensors
 
 TENSORS = {
     "a": torch.randn(3, 4).to(torch.bfloat16),

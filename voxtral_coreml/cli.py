@@ -10,10 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from voxtral_coreml.pipeline.conf import build_settings, format_settings, recipe_config, recipe_names
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.runner import EXIT_USER_ERROR, run
+
 from . import __version__
-from .conf import build_settings, format_settings, recipe_config, recipe_names
-from .errors import VoxtralError
-from .runner import EXIT_USER_ERROR, run
 
 VARIANTS = ("Mini", "Small")
 VARIANT_IN_NAME = re.compile(r"VoxtralEncoder(Mini|Small)\.(mlpackage|aimodel)")
@@ -21,7 +22,7 @@ BACKEND_HELP = "auto: .mlpackage on Core ML on macOS, else mil; .aimodel on core
 
 
 def _extract_to(checkpoint: Path, layout: str, workdir: Path, family: str = "auto") -> Path:
-    from .extract import extract_audio_tower
+    from voxtral_coreml.sources.extract import extract_audio_tower
 
     extracted = workdir / "extracted"
     source = {"kind": "local", "name": checkpoint.name}
@@ -40,7 +41,7 @@ def _streaming_options(args: argparse.Namespace) -> dict:
 
 def refuse_existing(package: Path) -> None:
     """Nothing is overwritten: checked before any work, and again once the variant names the package."""
-    from .convert import MANIFEST
+    from voxtral_coreml.export.convert import MANIFEST
 
     for path in (package, package.parent / MANIFEST):
         if path.exists():
@@ -49,7 +50,7 @@ def refuse_existing(package: Path) -> None:
 
 def resolve_variant(flag: str | None, hidden_size: int, out: Path) -> str:
     """--variant, else the projector's width (Mini 3072, Small 5120), else the name --out gives the package."""
-    from .convert import VARIANT_BY_HIDDEN_SIZE
+    from voxtral_coreml.export.convert import VARIANT_BY_HIDDEN_SIZE
 
     named = VARIANT_IN_NAME.fullmatch(out.name)
     variant = flag or VARIANT_BY_HIDDEN_SIZE.get(hidden_size) or (named and named.group(1))
@@ -64,11 +65,11 @@ def resolve_variant(flag: str | None, hidden_size: int, out: Path) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .dims import read_encoder_json
-    from .families import DEFAULT_FAMILY, family_module, family_of
-    from .formats import export_format
-    from .recipes import Recipe
-    from .torch_compress import TORCH_KINDS
+    from voxtral_coreml.encoders.dims import read_encoder_json
+    from voxtral_coreml.encoders.families import DEFAULT_FAMILY, family_module, family_of
+    from voxtral_coreml.export.formats import export_format
+    from voxtral_coreml.export.recipes import Recipe
+    from voxtral_coreml.export.torch_compress import TORCH_KINDS
 
     fmt = export_format(args.format)
     recipe = Recipe.from_config(args.recipe, recipe_config(args.recipe))
@@ -113,8 +114,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def check_same_encoder(package: Path, manifest: dict, extracted: Path, checkpoint: str) -> None:
     """A package validated against another model's checkpoint would fail deep inside the reference (or pass
     meaninglessly): its dimensions must be the checkpoint's."""
-    from .dims import read_encoder_json
-    from .families import family_module, family_of
+    from voxtral_coreml.encoders.dims import read_encoder_json
+    from voxtral_coreml.encoders.families import family_module, family_of
 
     meta = read_encoder_json(extracted)
     if family_of(meta) != family_of(manifest):
@@ -142,8 +143,8 @@ def validation_gate(args: argparse.Namespace, package: Path, manifest: dict) -> 
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from .families import family_of_extracted
-    from .validate import find_package, validate_package
+    from voxtral_coreml.check.validate import find_package, validate_package
+    from voxtral_coreml.encoders.families import family_of_extracted
 
     package, manifest = find_package(Path(args.package))
     gate = validation_gate(args, package, manifest)
@@ -171,8 +172,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .formats import format_of
-    from .validate import find_package
+    from voxtral_coreml.check.validate import find_package
+    from voxtral_coreml.export.formats import format_of
 
     package, manifest = find_package(Path(args.package))
     INSPECTORS[format_of(package.name).name](package, manifest, args.json)
@@ -180,7 +181,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def inspect_asset(package: Path, manifest: dict, as_json: bool) -> None:
     """A Core AI asset: functions, I/O, size, compression, minimum OS, storage types and op counts."""
-    from .coreai_backend import asset_structure
+    from voxtral_coreml.check.coreai_backend import asset_structure
 
     structure = asset_structure(package)
     if as_json:
@@ -202,7 +203,7 @@ def inspect_asset(package: Path, manifest: dict, as_json: bool) -> None:
 
 def inspect_package(package: Path, manifest: dict, as_json: bool) -> None:
     """A Core ML package: I/O, target, size, and what decides how well it suits the Neural Engine."""
-    from .package_info import ane_report, package_structure
+    from voxtral_coreml.export.package_info import ane_report, package_structure
 
     structure = package_structure(package)
     info = {"package": str(package), "manifest": manifest, "structure": structure, "ane": ane_report(package)}
@@ -232,7 +233,7 @@ def _check_tokens_per_step(args: argparse.Namespace) -> None:
     """--tokens-per-step is the package's build parameter: named here only to be checked against it."""
     if args.tokens_per_step is None:
         return
-    from .validate import find_package
+    from voxtral_coreml.check.validate import find_package
 
     package, manifest = find_package(Path(args.package))
     built = manifest.get("streaming", {}).get("tokens_per_step")
@@ -275,9 +276,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    from .attention import ATTENTION_CORES
-    from .formats import DEFAULT_FORMAT, FORMATS
-    from .layouts import LAYOUTS
+    from voxtral_coreml.encoders.attention import ATTENTION_CORES
+    from voxtral_coreml.export.formats import DEFAULT_FORMAT, FORMATS
+    from voxtral_coreml.sources.layouts import LAYOUTS
 
     build = build_settings()  # conf/conversion.yaml: the pipeline's own defaults
     c = sub.add_parser("convert", help="checkpoint directory -> .mlpackage or .aimodel + manifest.json")
@@ -320,8 +321,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    from .formats import BACKENDS
-    from .layouts import LAYOUTS
+    from voxtral_coreml.export.formats import BACKENDS
+    from voxtral_coreml.sources.layouts import LAYOUTS
 
     v = sub.add_parser("validate", help="compare a package's embeddings with transformers")
     v.add_argument("package", help="the .mlpackage or .aimodel (manifest.json beside it)")
@@ -342,7 +343,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_encode(sub: argparse._SubParsersAction) -> None:
-    from .formats import BACKENDS
+    from voxtral_coreml.export.formats import BACKENDS
 
     e = sub.add_parser("encode", help="audio of any length -> audio embeddings [N*375, H], one call per 30 s window")
     e.add_argument("audio", help="an audio file (wav, flac, ...): averaged to mono, resampled to 16 kHz")

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path
-from .convert import INPUT_NAME, OUTPUT_NAME
-from .errors import VoxtralError
-from .families import family_module, family_of
-from .features import SAMPLE_RATE, load_audio, log_mel_windows
-from .formats import format_of
-from .safetensors_io import TensorSpec, write_safetensors
-from .validate import find_package
+from voxtral_coreml.check.validate import find_package
+from voxtral_coreml.encoders.families import family_module, family_of
+from voxtral_coreml.export.convert import INPUT_NAME, OUTPUT_NAME
+from voxtral_coreml.export.formats import format_of
+from voxtral_coreml.features.logmel import SAMPLE_RATE, load_audio, log_mel_windows
+from voxtral_coreml.pipeline.atomic import atomic_path
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.safetensors_io import TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def encode_audio(
 def encode_windows(samples: np.ndarray, package: Path, manifest: dict, backend: str, stream: bool, progress: bool):
     """The 2507 encoders: the clip's log-mel cut into 30 s windows, one package call each."""
     if stream:
-        from .realtime.stream import check_streaming
+        from voxtral_coreml.encoders.realtime.stream import check_streaming
 
         check_streaming(package, manifest)  # raises: 2507 packages cannot stream
     windows = log_mel_windows(samples, n_mels=mel_bins(package, manifest))

@@ -25,15 +25,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from voxtral_coreml.export.convert import MANIFEST
+from voxtral_coreml.export.formats import format_of
+from voxtral_coreml.pipeline.atomic import atomic_path
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.params import PARAMS_FILE, load_params, lookup
+from voxtral_coreml.pipeline.paths import export_dir, export_metrics_file, mel_package_dir, metrics_file, package_dir
+from voxtral_coreml.report.markdown import shape_text, table_head, table_row
+from voxtral_coreml.sources.layouts import read_json
+
 from . import __version__
-from .atomic import atomic_path
-from .convert import MANIFEST
-from .errors import VoxtralError
-from .formats import format_of
-from .layouts import read_json
-from .markdown import shape_text, table_head, table_row
-from .params import PARAMS_FILE, load_params, lookup
-from .paths import export_dir, export_metrics_file, mel_package_dir, metrics_file, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ def upload_repository(folder: Path, repo_id: str, message: str, private: bool = 
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import LOGIN_HINT, hub_endpoint
+    from voxtral_coreml.sources.hub import LOGIN_HINT, hub_endpoint
 
     if get_token() is None:  # the client finds it (HF_TOKEN or the stored login); it is never passed around here
         raise VoxtralError(f"{repo_id}: no Hugging Face token to publish with; {LOGIN_HINT}")

@@ -1,0 +1,1 @@
+"""Build: encoder families (dims, the ANE modules, attention cores, transformers references)."""

@@ -1,0 +1,1 @@
+"""Convert: the package contract and manifest, conversion, recipes, compression, MIL passes, bytes."""

@@ -1,0 +1,72 @@
+"""Calibration for data-aware recipes (torch_compress.py): the data, the encoder as stages, the cached result.
+
+A recipe's `calibration` key: `clips` clips of `seconds` of espeak-ng speech (clip i in voice, rate and text number
+`first + i`: other clips than the tests measure on), each zero-padded into one 30 s window as at inference, so the
+statistics cover speech and the padded silence after it; `device` runs the passes (cpu, cuda, mps: an accelerator
+changes the rounding, so it is part of the recipe). The result (compressed weights and their metadata) is cached per
+model and recipe in a safetensors file, as the sensitivity scan is.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from voxtral_coreml.encoders.model import VoxtralEncoderANE, build_ane_encoder
+from voxtral_coreml.features.logmel import log_mel_windows
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.sources.extract import load_extracted
+
+from .recipes import Recipe
+from .torch_compress import CALIBRATED_KINDS, TORCH_KINDS, Stage, compress_module
+
+CALIBRATION_ATTENTION = "fused_heads"  # the same math as every core, the fewest torch ops
+
+
+def encoder_stages(model: VoxtralEncoderANE) -> nn.Sequential:
+    """The encoder's forward as stem, layers, head: how GPTQ walks it."""
+    stem = Stage(model.stem, model.conv1, model.conv2)
+    head = Stage(model.head, model.layer_norm, model.multi_modal_projector)
+    return nn.Sequential(stem, *model.layers, head)
+
+
+def calibration_windows(settings: dict[str, Any], n_mels: int) -> list[torch.Tensor]:
+    """One [1, n_mels, 3000] window per clip: speech, then the zero padding inference gives it."""
+    from voxtral_coreml.features.espeak import clips
+
+    audio = clips(settings["clips"], settings["seconds"], settings["first"])
+    return [log_mel_windows(clip, n_mels=n_mels)[:1] for clip in audio]
+
+
+def resolve_device(device: str) -> str:
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device, False):
+        raise VoxtralError(f"calibration.device {device!r} is not available on this machine")
+    return device
+
+
+def calibrate(extracted_dir: str | os.PathLike[str], recipe: Recipe, jobs: int = 1) -> tuple[dict, dict[str, Any]]:
+    """(compressed state, how it was made) for a torch-compressed recipe, on the fp32 encoder."""
+    if recipe.kind not in TORCH_KINDS:
+        raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) needs no calibration")
+    weights, dims, _ = load_extracted(extracted_dir)
+    model = build_ane_encoder(weights, dims, CALIBRATION_ATTENTION)
+    settings = recipe.params.get("calibration")
+    device = resolve_device(settings["device"]) if settings else "cpu"
+    data = calibration_windows(settings, dims.n_mels) if recipe.kind in CALIBRATED_KINDS else []
+    started = time.monotonic()
+    state = compress_module(model, encoder_stages(model), recipe.kind, recipe.params, data, device, jobs)
+    info = {
+        "recipe": recipe.name,
+        "kind": recipe.kind,
+        "calibration": settings,
+        "device": torch.cuda.get_device_name() if device == "cuda" else device,
+        "seconds": round(time.monotonic() - started, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    return state, info

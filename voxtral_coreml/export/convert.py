@@ -1,0 +1,194 @@
+"""Extracted weights -> ANE module -> torch.export -> Core ML mlprogram package + manifest.json.
+
+torch.export traces with fake tensors (no forward pass on real weights), which is what keeps conversion
+time and memory low compared with torch.jit.trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxtral_coreml import __version__
+from voxtral_coreml.encoders.dims import EncoderDims
+from voxtral_coreml.encoders.model import VoxtralEncoderANE, build_ane_encoder
+from voxtral_coreml.pipeline.atomic import atomic_path, disk_full_is_an_error, shown_path, write_json_atomic
+from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.paths import MANIFEST
+from voxtral_coreml.sources.extract import load_extracted
+
+from .canonical import canonicalize_package
+from .compress import compress_mlmodel
+from .mil_passes import pass_pipeline
+from .package_info import ane_report
+from .recipes import TARGETS, Recipe
+from .sensitivity import program_bits
+from .torch_compress import TORCH_KINDS, apply_compressed, torch_compression_info
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "mel_spectrogram"
+OUTPUT_NAME = "audio_embeddings"
+VARIANT_BY_HIDDEN_SIZE = {3072: "Mini", 5120: "Small"}
+
+
+def package_name(variant: str) -> str:
+    return f"VoxtralEncoder{variant}.mlpackage"  # the names the Swift app looks for
+
+
+def infer_variant(dims: EncoderDims) -> str:
+    variant = VARIANT_BY_HIDDEN_SIZE.get(dims.hidden_size)
+    if variant is None:
+        raise VoxtralError(
+            f"cannot tell Mini from Small for projector width {dims.hidden_size}; pass --variant Mini|Small"
+        )
+    return variant
+
+
+def export_encoder(model: VoxtralEncoderANE) -> torch.export.ExportedProgram:
+    example = torch.zeros(1, model.dims.n_mels, model.dims.mel_frames)
+    with torch.no_grad():
+        return torch.export.export(model, (example,)).run_decompositions({})
+
+
+def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
+    import coremltools as ct
+
+    dims = model.dims
+    exported = export_encoder(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
+        return ct.convert(
+            exported,
+            inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, dims.n_mels, dims.mel_frames), dtype=np.float32)],
+            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=getattr(ct.target, target),
+            pass_pipeline=pass_pipeline(),
+            skip_model_load=True,  # loading compiles the model, which only macOS can do
+        )
+
+
+# How coremltools' C++ weight writer reports any failed write, a full disk among them (without the errno).
+COREMLTOOLS_WRITE_FAILURE = "[MIL FileWriter]"
+
+
+@contextlib.contextmanager
+def coremltools_writes(package: Path) -> Iterator[None]:
+    """coremltools writes a temporary package while it converts: a failed write there names `package`."""
+    with disk_full_is_an_error(package):
+        try:
+            yield
+        except RuntimeError as e:
+            if not str(e).startswith(COREMLTOOLS_WRITE_FAILURE):
+                raise
+            where = tempfile.gettempdir()
+            raise VoxtralError(
+                f"{shown_path(package)}: coremltools could not write the weights into {where}: is the disk full? "
+                f"({e}); "
+                "nothing was written"
+            ) from e
+
+
+def io_contract(dims: EncoderDims) -> dict[str, list[dict[str, object]]]:
+    return {
+        "inputs": [{"name": INPUT_NAME, "shape": [1, dims.n_mels, dims.mel_frames], "dtype": "float32"}],
+        "outputs": [{"name": OUTPUT_NAME, "shape": [1, dims.n_embeddings, dims.hidden_size], "dtype": "float32"}],
+    }
+
+
+def tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def versions() -> dict[str, str]:
+    import coremltools
+
+    return {"coremltools": coremltools.__version__, "torch": torch.__version__, "voxtral_coreml": __version__}
+
+
+def write_manifest(package: Path, manifest: dict, started: float) -> None:
+    """The manifest beside the package, written last: a package with a manifest is complete."""
+    write_json_atomic(package.parent / MANIFEST, manifest)
+    log.info(
+        "wrote %s (%.1f MB) in %.1f s", shown_path(package), manifest["size_bytes"] / 1e6, time.monotonic() - started
+    )
+
+
+def convert_package(
+    extracted_dir: str | os.PathLike[str],
+    package: str | os.PathLike[str],
+    recipe: Recipe,
+    *,
+    model_name: str,
+    variant: str | None = None,
+    attention: str,
+    query_chunk: int,
+    sensitivity: dict | None = None,
+    calibrated: dict[str, torch.Tensor] | None = None,
+) -> dict:
+    """Write the `.mlpackage` at `package` and `manifest.json` beside it, each atomically (manifest last).
+
+    `attention` and `query_chunk` are conf/conversion.yaml's `build` settings (the CLI reads the same file).
+
+    `sensitivity` is the scan a `mixed` recipe chooses its bits from (sensitivity.scan_sensitivity); `calibrated`
+    the compressed weights of a torch-compressed recipe (calibration.calibrate), applied before conversion."""
+    started = time.monotonic()
+    package = Path(package)
+    if package.suffix != ".mlpackage":
+        raise VoxtralError(f"{package}: the output must end in .mlpackage")
+    if recipe.kind == "mixed" and sensitivity is None:
+        raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
+    if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
+        raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
+    # fp16 from the start: the package stores fp16 anyway (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 would),
+    # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight.
+    weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
+    variant = variant or infer_variant(dims)
+    model = build_ane_encoder(weights, dims, attention, query_chunk)
+    if calibrated is not None:
+        apply_compressed(model, calibrated)  # ct.convert emits the compressed ops from the metadata
+    log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
+    with coremltools_writes(package):
+        mlmodel = convert_to_mlprogram(model, recipe.min_target)
+        if calibrated is not None:
+            compression = torch_compression_info(model, recipe, calibrated)
+        else:
+            bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
+            mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
+        del model, weights
+    mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
+    mlmodel.version = __version__
+    with atomic_path(package) as staging:
+        mlmodel.save(str(staging))
+        canonicalize_package(staging)  # the same model and recipe give the same bytes
+    ios, macos = TARGETS[recipe.min_target]
+    manifest = {
+        "package": package.name,
+        "model": model_name,
+        "variant": variant,
+        "recipe": {"name": recipe.name, "kind": recipe.kind, "params": dict(recipe.params)},
+        "compression": {k: v for k, v in compression.items() if k not in ("recipe", "kind", "params")},
+        **io_contract(dims),
+        "deployment_target": {"coreml": recipe.min_target, "ios": ios, "macos": macos},
+        "dims": dims.to_json(),
+        "attention": attention,
+        "query_chunk": query_chunk,
+        "weights_sha256": encoder_meta["weights_sha256"],
+        "source": encoder_meta.get("source", {}),
+        "size_bytes": tree_size(package),
+        "ane": ane_report(package),
+        "versions": versions(),
+    }
+    write_manifest(package, manifest, started)
+    return manifest

@@ -1,0 +1,1 @@
+"""Features: log-mel as Voxtral computes it, and the mel front-end as its own package."""

@@ -1,0 +1,1 @@
+"""What every stage shares: params.yaml and conf/, output paths, atomic writes, one-line errors."""

@@ -1,0 +1,1 @@
+"""Report: the package table, the size-vs-PSNR trade-off, markdown."""

@@ -117,6 +117,35 @@ def versions() -> dict[str, str]:
     return {"coremltools": coremltools.__version__, "torch": torch.__version__, "voxtral_coreml": __version__}
 
 
+def package_manifest(
+    package: Path, model_name: str, variant: str, recipe: Recipe, compression: dict, target: str
+) -> dict:
+    """What every package's manifest says about the package itself (a family adds its I/O and its own facts)."""
+    ios, macos = TARGETS[target]
+    return {
+        "package": package.name,
+        "model": model_name,
+        "variant": variant,
+        "recipe": {"name": recipe.name, "kind": recipe.kind, "params": dict(recipe.params)},
+        "compression": {k: v for k, v in compression.items() if k not in ("recipe", "kind", "params")},
+        "deployment_target": {"coreml": target, "ios": ios, "macos": macos},
+        "size_bytes": tree_size(package),
+        "ane": ane_report(package),
+        "versions": versions(),
+    }
+
+
+def build_facts(dims, attention: str, query_chunk: int, encoder_meta: dict) -> dict:
+    """How the package was built and from which weights."""
+    return {
+        "dims": dims.to_json(),
+        "attention": attention,
+        "query_chunk": query_chunk,
+        "weights_sha256": encoder_meta["weights_sha256"],
+        "source": encoder_meta.get("source", {}),
+    }
+
+
 def write_manifest(package: Path, manifest: dict, started: float) -> None:
     """The manifest beside the package, written last: a package with a manifest is complete."""
     write_json_atomic(package.parent / MANIFEST, manifest)
@@ -172,23 +201,10 @@ def convert_package(
     with atomic_path(package) as staging:
         mlmodel.save(str(staging))
         canonicalize_package(staging)  # the same model and recipe give the same bytes
-    ios, macos = TARGETS[recipe.min_target]
     manifest = {
-        "package": package.name,
-        "model": model_name,
-        "variant": variant,
-        "recipe": {"name": recipe.name, "kind": recipe.kind, "params": dict(recipe.params)},
-        "compression": {k: v for k, v in compression.items() if k not in ("recipe", "kind", "params")},
+        **package_manifest(package, model_name, variant, recipe, compression, recipe.min_target),
         **io_contract(dims),
-        "deployment_target": {"coreml": recipe.min_target, "ios": ios, "macos": macos},
-        "dims": dims.to_json(),
-        "attention": attention,
-        "query_chunk": query_chunk,
-        "weights_sha256": encoder_meta["weights_sha256"],
-        "source": encoder_meta.get("source", {}),
-        "size_bytes": tree_size(package),
-        "ane": ane_report(package),
-        "versions": versions(),
+        **build_facts(dims, attention, query_chunk, encoder_meta),
     }
     write_manifest(package, manifest, started)
     return manifest

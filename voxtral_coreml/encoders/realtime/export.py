@@ -26,13 +26,12 @@ from voxtral_coreml.export.compress import compress_mlmodel
 from voxtral_coreml.export.convert import (
     INPUT_NAME,
     OUTPUT_NAME,
+    build_facts,
     coremltools_writes,
-    tree_size,
-    versions,
+    package_manifest,
     write_manifest,
 )
 from voxtral_coreml.export.mil_passes import pass_pipeline
-from voxtral_coreml.export.package_info import ane_report
 from voxtral_coreml.export.recipes import TARGETS, Recipe
 from voxtral_coreml.export.torch_compress import TORCH_KINDS
 from voxtral_coreml.features.logmel import HOP_LENGTH, SAMPLE_RATE
@@ -266,25 +265,12 @@ def convert_package(
             mlmodel, compression = program(info)
             mlmodel.save(str(staging))
         canonicalize_package(staging)
-    ios, macos = TARGETS[target]
     manifest = {
-        "package": package.name,
-        "model": model_name,
+        **package_manifest(package, model_name, variant or "Realtime", recipe, compression, target),
         "family": "realtime",
-        "variant": variant or "Realtime",
-        "recipe": {"name": recipe.name, "kind": recipe.kind, "params": dict(recipe.params)},
-        "compression": {k: v for k, v in compression.items() if k not in ("recipe", "kind", "params")},
         **io_contract(dims, {"streaming": info}),
-        "deployment_target": {"coreml": target, "ios": ios, "macos": macos},
-        "dims": dims.to_json(),
-        "attention": attention,
-        "query_chunk": query_chunk,
+        **build_facts(dims, attention, query_chunk, encoder_meta),
         **feeding(),
-        "weights_sha256": encoder_meta["weights_sha256"],
-        "source": encoder_meta.get("source", {}),
-        "size_bytes": tree_size(package),
-        "ane": ane_report(package),
-        "versions": versions(),
     }
     if info is not None:
         manifest["streaming"] = info

@@ -37,6 +37,14 @@ def test_convert_writes_package_and_manifest_beside_it(converted: tuple[Path, Pa
     assert sorted(p.name for p in package.parent.iterdir()) == ["VoxtralEncoderMini.mlpackage", "manifest.json"]
 
 
+def test_a_detected_2507_checkpoint_is_refused_streaming(converted: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, _ = converted  # --family auto: the family is known once the checkpoint is read
+    result = cli("convert", "--checkpoint", str(checkpoint), "--streaming", "stateful", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{checkpoint}: --streaming: the 2507 encoders are bidirectional" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_calibrates_a_data_aware_recipe(converted: tuple[Path, Path], tmp_path: Path) -> None:
     """pal6s compresses the module in PyTorch first (k-means with per-channel scales, no data): the CLI runs that
     step itself, as the pipeline's sensitivity stage does."""
@@ -138,6 +146,8 @@ def test_version_and_help_list_choices_and_defaults() -> None:
         (["convert", "--checkpoint", "/no/such/dir", "--out", "x.mlpackage"], "/no/such/dir: checkpoint directory"),
         (["convert", "--checkpoint", ".", "--recipe", "int3", "--out", "x.mlpackage"], "invalid choice: 'int3'"),
         (["inspect", "/no/such.mlpackage"], "/no/manifest.json: not found"),
+        (["convert", "--checkpoint", ".", "--family", "2507", "--streaming", "stateful", "--out", "x.mlpackage"],
+         "--streaming: the 2507 encoders are bidirectional over 30 s windows and cannot stream"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +16,6 @@ from voxtral_coreml.pipeline.runner import EXIT_USER_ERROR, run
 from . import __version__
 
 VARIANTS = ("Mini", "Small")
-VARIANT_IN_NAME = re.compile(r"VoxtralEncoder(Mini|Small)\.(mlpackage|aimodel)")
 BACKEND_HELP = "auto: .mlpackage on Core ML on macOS, else mil; .aimodel on coreai"
 
 
@@ -34,8 +32,10 @@ def _streaming_options(args: argparse.Namespace) -> dict:
     """convert's streaming flags as convert_package's keyword (Realtime only), checked before any work."""
     if args.streaming == "none":
         return {}
-    if args.family == "2507":
-        raise VoxtralError("--streaming: the 2507 encoders are bidirectional over 30 s windows and cannot stream")
+    from voxtral_coreml.encoders.families import family_module
+
+    if args.family != "auto" and family_module(args.family).CANNOT_STREAM:
+        raise VoxtralError(f"--streaming: {family_module(args.family).CANNOT_STREAM}")
     return {"streaming": {"form": args.streaming, "tokens_per_step": args.tokens_per_step}}
 
 
@@ -48,25 +48,9 @@ def refuse_existing(package: Path) -> None:
             raise VoxtralError(f"{path}: already exists; remove it or choose another --out")
 
 
-def resolve_variant(flag: str | None, hidden_size: int, out: Path) -> str:
-    """--variant, else the projector's width (Mini 3072, Small 5120), else the name --out gives the package."""
-    from voxtral_coreml.export.convert import VARIANT_BY_HIDDEN_SIZE
-
-    named = VARIANT_IN_NAME.fullmatch(out.name)
-    variant = flag or VARIANT_BY_HIDDEN_SIZE.get(hidden_size) or (named and named.group(1))
-    if not variant:
-        raise VoxtralError(
-            f"cannot tell Mini from Small for projector width {hidden_size}; pass --variant Mini|Small "
-            "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage (or .aimodel)"
-        )
-    if named and named.group(1) != variant:
-        raise VoxtralError(f"{out}: names a {named.group(1)} package, but this encoder is {variant}")
-    return variant
-
-
 def cmd_convert(args: argparse.Namespace) -> None:
     from voxtral_coreml.encoders.dims import read_encoder_json
-    from voxtral_coreml.encoders.families import DEFAULT_FAMILY, family_module, family_of
+    from voxtral_coreml.encoders.families import family_module, family_of
     from voxtral_coreml.export.formats import export_format
     from voxtral_coreml.export.recipes import Recipe
     from voxtral_coreml.export.torch_compress import TORCH_KINDS
@@ -85,12 +69,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         extracted = _extract_to(Path(args.checkpoint), args.layout, Path(tmp), args.family)
         meta = read_encoder_json(extracted)
         family = family_module(family_of(meta))
-        if options and family_of(meta) != "realtime":
-            raise VoxtralError(f"{args.checkpoint}: --streaming needs a Voxtral Realtime checkpoint")
-        if family_of(meta) == DEFAULT_FAMILY:  # Mini or Small: the package's name says which
-            variant = resolve_variant(args.variant, int(meta["dims"]["hidden_size"]), out)
-        else:
-            variant = args.variant or family.default_variant(extracted)
+        if options and family.CANNOT_STREAM:
+            raise VoxtralError(f"{args.checkpoint}: --streaming: {family.CANNOT_STREAM}")
+        variant = family.choose_variant(args.variant, extracted, out)
         package = out if out.suffix == fmt.suffix else out / fmt.package_name(family, variant, options)
         refuse_existing(package)
         # A data-aware recipe calibrates here, on espeak-ng speech (the pipeline caches it in its sensitivity stage).
@@ -277,6 +258,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     from voxtral_coreml.encoders.attention import ATTENTION_CORES
+    from voxtral_coreml.encoders.families import FAMILIES
     from voxtral_coreml.export.formats import DEFAULT_FORMAT, FORMATS
     from voxtral_coreml.sources.layouts import LAYOUTS
 
@@ -298,9 +280,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="checkpoint layout (auto: detected)")
     c.add_argument("--attention", default=build["attention"], choices=ATTENTION_CORES, help="attention core")
     c.add_argument("--query-chunk", type=int, default=build["query_chunk"], help="queries per chunk (chunked core)")
-    c.add_argument(
-        "--family", default="auto", choices=["auto", "2507", "realtime"], help="encoder family (auto: detected)"
-    )
+    c.add_argument("--family", default="auto", choices=["auto", *FAMILIES], help="encoder family (auto: detected)")
     c.add_argument(
         "--streaming",
         default="none",

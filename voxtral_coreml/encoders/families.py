@@ -3,7 +3,9 @@
 A family module provides: `LAYOUTS` (name -> Layout class), `detect(root)`, `dims_from_json(data, source)`,
 `compute_reference(extracted_dir, audio, attention, query_chunk)`, `calibrate(extracted_dir, recipe, jobs)` (a
 data-aware recipe's compressed weights), `convert_package(...)` (Core ML), `convert_asset(...)` (Core AI),
-`io_contract(dims)` and `encode_audio(...)`. The extracted encoder.json and every manifest record the family.
+`io_contract(dims)`, `encode_audio(...)`, `choose_variant(flag, extracted_dir, out)` (the package's variant name)
+and `CANNOT_STREAM` (why it has no streaming packages, or None). The extracted encoder.json and every manifest
+record the family.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from voxtral_coreml.pipeline.errors import VoxtralError
 from voxtral_coreml.sources.layouts import LAYOUTS
 
 from .dims import EncoderDims
@@ -19,6 +21,10 @@ __all__ = [
 ]
 
 dims_from_json = EncoderDims.from_json
+
+
+CANNOT_STREAM = "the 2507 encoders are bidirectional over 30 s windows and cannot stream"
+VARIANT_IN_NAME = re.compile(r"VoxtralEncoder(Mini|Small)\.(mlpackage|aimodel)")
 
 
 def detect(root: Path) -> bool:
@@ -68,12 +74,23 @@ def io_contract(dims: EncoderDims, manifest: dict | None = None) -> dict:
     return io_contract(dims)
 
 
-def default_variant(extracted_dir) -> str:
-    from voxtral_coreml.export.convert import infer_variant
+def choose_variant(flag: str | None, extracted_dir, out: Path) -> str:
+    """--variant, else the projector's width (Mini 3072, Small 5120), else the name --out gives the package."""
+    from voxtral_coreml.export.convert import VARIANT_BY_HIDDEN_SIZE
 
     from .dims import read_encoder_json
 
-    return infer_variant(EncoderDims.from_json(read_encoder_json(extracted_dir)["dims"], str(extracted_dir)))
+    hidden_size = int(read_encoder_json(extracted_dir)["dims"]["hidden_size"])
+    named = VARIANT_IN_NAME.fullmatch(out.name)
+    variant = flag or VARIANT_BY_HIDDEN_SIZE.get(hidden_size) or (named and named.group(1))
+    if not variant:
+        raise VoxtralError(
+            f"cannot tell Mini from Small for projector width {hidden_size}; pass --variant Mini|Small "
+            "or name the output VoxtralEncoderMini.mlpackage or VoxtralEncoderSmall.mlpackage (or .aimodel)"
+        )
+    if named and named.group(1) != variant:
+        raise VoxtralError(f"{out}: names a {named.group(1)} package, but this encoder is {variant}")
+    return variant
 
 
 def encode(*args, **kwargs):

@@ -159,8 +159,11 @@ def encode(samples, package: Path, manifest: dict, backend: str, stream: bool, p
     return Encoding(embeddings, seconds, backend, load_s, steps, f"step of {k * 80} ms")
 
 
-def default_variant(extracted_dir) -> str:
-    return "Realtime"
+CANNOT_STREAM = None  # causal: the step function streams
+
+
+def choose_variant(flag: str | None, extracted_dir, out: Path) -> str:
+    return flag or "Realtime"
 
 
 def package_name(variant: str | None = None, streaming: dict | None = None) -> str:

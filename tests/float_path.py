@@ -23,7 +23,7 @@ import torch
 import yaml
 
 MODEL = "demo-mini"
-PIPELINE = {"models": [MODEL], "recipes": ["fp16", "mixed"], "mel": ["fp32"], "streaming": {"models": []}}
+PIPELINE = {"models": [MODEL], "recipes": ["fp16", "mixed"], "mel": ["fp32"]}
 SETUP_STAGES = (
     ("stages.sensitivity", ["demo-mini", "mixed"]),
     ("stages.convert", ["demo-mini", "fp16"]),
@@ -66,6 +66,8 @@ def setup(repo: Path) -> None:
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pipeline"].update(PIPELINE)
+    params["pipeline"]["streaming"]["models"] = []  # the float path of one 2507 model: no Realtime streaming
+    params["pipeline"]["coreai"]["models"] = []  # nor Core AI assets (test_coreai checks those)
     params["sensitivity"].update(frames=400, jobs=1)  # a shorter scan, no worker processes: the same kind of output
     Path("params.yaml").write_text(yaml.safe_dump(params))
     extract_audio_tower(write_checkpoint(Path("checkpoint")), extracted_dir(MODEL))

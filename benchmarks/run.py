@@ -207,7 +207,25 @@ def package_facts(model: str, recipe: str) -> dict:
     return {"ops_total": manifest["ane"]["ops_total"], "gflops_per_window": manifest["ane"]["gflops_per_window"]}
 
 
-def realtime_summary(per_model: dict[str, dict], streaming: dict[str, dict]) -> dict:
+def conversion_floor_gb(model: str = "demo-mini") -> float:
+    """Peak RSS of a conversion whose weights weigh nothing (a demo model): Python, torch, coremltools and
+    torch.export's machinery, what every conversion holds besides its weights."""
+    for stage_name in STAGES:
+        stage(stage_name, model)
+    return stage("convert", model, "fp16").peak_rss_gb
+
+
+def weights_floor(per_model: dict[str, dict], floor_gb: float) -> dict:
+    """The RSS ratio a conversion would have if it held nothing but that floor and its fp16 weights, once."""
+    realtime, mini = (per_model[m]["extract"]["extracted_gb"] for m in ("synthetic-realtime", "synthetic-mini"))
+    return {
+        "conversion_floor_gb": round(floor_gb, 3),
+        "weights_gb_realtime_vs_mini": [realtime, mini],
+        "floor_plus_weights_vs_mini_rss": round((floor_gb + realtime) / (floor_gb + mini), 3),
+    }
+
+
+def realtime_summary(per_model: dict[str, dict], streaming: dict[str, dict], floor_gb: float) -> dict:
     realtime, mini = per_model["synthetic-realtime"], per_model["synthetic-mini"]
     summary = {
         "convert_fp16_s": realtime["convert_fp16"]["wall_s"],
@@ -218,6 +236,7 @@ def realtime_summary(per_model: dict[str, dict], streaming: dict[str, dict]) -> 
         "convert_fp16_vs_mini_rss": round(
             realtime["convert_fp16"]["peak_rss_gb"] / mini["convert_fp16"]["peak_rss_gb"], 3
         ),
+        **weights_floor(per_model, floor_gb),
         "psnr_db_fp16": realtime["validate_fp16"]["psnr_db"],
         "streaming": streaming,
     }
@@ -266,7 +285,7 @@ def realtime_only() -> None:
     """`make bench-realtime`: Realtime's figures against synthetic-mini's fp16 conversion in the same run, without
     the rest of `make bench` (its k-means recipes and baselines take hours on a loaded 2-core machine)."""
     per_model = {model: model_benchmarks(model, ("fp16",)) for model in ("synthetic-mini", "synthetic-realtime")}
-    summary = realtime_summary(per_model, realtime_benchmarks())
+    summary = realtime_summary(per_model, realtime_benchmarks(), conversion_floor_gb())
     summary["models"] = per_model
     write_json_atomic(BENCH / "realtime.json", summary)
     lines = ["# Voxtral Realtime at full size (this machine)", "", "| figure | value |", "| --- | --- |"]
@@ -299,7 +318,7 @@ def main() -> None:
         for core in ATTENTION_CORES
     }  # fmt: skip
     summary = summarize(per_model, extra, attention)
-    summary["realtime"] = realtime_summary(per_model, realtime_benchmarks())
+    summary["realtime"] = realtime_summary(per_model, realtime_benchmarks(), conversion_floor_gb())
     if sys.platform == "darwin":
         summary["coreml"] = coreml_latencies(mini)
     write_json_atomic(BENCH / "summary.json", summary)

@@ -142,11 +142,12 @@ def stream_convert(model: str, k: int, out: Path) -> dict:
     """The stateful streaming step of a Realtime model: ops, GFLOPs per step, state bytes, package size."""
     from voxtral_coreml.encoders.families import family_of_extracted
     from voxtral_coreml.export.recipes import Recipe
+    from voxtral_coreml.pipeline.conf import build_settings
 
     family, streaming = family_of_extracted(extracted_dir(model)), {"form": "stateful", "tokens_per_step": k}
     manifest = family.convert_package(
         extracted_dir(model), out / family.package_name(None, streaming), Recipe("fp16", "fp16", "iOS16", 0.0),
-        model_name=model, streaming=streaming,
+        model_name=model, streaming=streaming, **{key: build_settings()[key] for key in ("attention", "query_chunk")},
     )  # fmt: skip
     return {
         "ops_total": manifest["ane"]["ops_total"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import VoxtralRealtimeForConditionalGeneration
 
-from conftest import cli, speech, write_checkpoint, write_speech
+from conftest import BUILD, cli, speech, write_checkpoint, write_speech
 from voxtral_coreml.check.milrun import load_package
 from voxtral_coreml.check.validate import find_package, validate_package
 from voxtral_coreml.encoders.families import family_module
@@ -222,7 +222,9 @@ def rt_packages(rt_extracted: Path, tmp_path_factory) -> dict[str, Path]:
             recipe_name, yaml.safe_load((REPO / "conf/recipe" / f"{recipe_name}.yaml").read_text())
         )
         package = root / name / family.package_name(None, streaming)
-        family.convert_package(rt_extracted, package, recipe, model_name="demo-realtime", streaming=streaming)
+        family.convert_package(
+            rt_extracted, package, recipe, model_name="demo-realtime", streaming=streaming, **BUILD
+        )
         out[name] = package.parent
     return out
 
@@ -295,7 +297,7 @@ def test_data_aware_recipes_are_refused_for_realtime(rt_extracted: Path, tmp_pat
     with pytest.raises(VoxtralError, match=message):
         family.calibrate(rt_extracted, recipe)
     with pytest.raises(VoxtralError, match=message):
-        family.convert_package(rt_extracted, tmp_path / "x.mlpackage", recipe, model_name="demo-realtime")
+        family.convert_package(rt_extracted, tmp_path / "x.mlpackage", recipe, model_name="demo-realtime", **BUILD)
     assert not (tmp_path / "x.mlpackage").exists()
 
 

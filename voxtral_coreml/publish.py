@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from voxtral_coreml.export.convert import MANIFEST
-from voxtral_coreml.export.formats import format_of
+from voxtral_coreml.export.formats import DEFAULT_FORMAT, FORMATS, format_of
 from voxtral_coreml.pipeline.atomic import atomic_path
 from voxtral_coreml.pipeline.errors import VoxtralError
 from voxtral_coreml.pipeline.params import PARAMS_FILE, load_params, lookup
-from voxtral_coreml.pipeline.paths import export_dir, export_metrics_file, mel_package_dir, metrics_file, package_dir
+from voxtral_coreml.pipeline.paths import mel_package_dir
 from voxtral_coreml.report.markdown import shape_text, table_head, table_row
 from voxtral_coreml.sources.layouts import read_json
 
@@ -65,19 +65,17 @@ class Entry:
     folder: Path  # artifacts/packages/<model>/<recipe>: the package and its manifest.json
     manifest: dict
     metrics: dict
-    format: str = "coreml"  # formats.py; other formats publish under <Variant>/<format>/<recipe>/
+    format: str = DEFAULT_FORMAT  # formats.py's name; its publish_folder is where it goes under <Variant>/
 
     @property
     def repo_folder(self) -> str:
-        within = "" if self.format == "coreml" else f"{self.format}/"  # Core ML's folders predate other formats
-        return f"{self.variant}/{within}{self.recipe}"
+        return "/".join(p for p in (self.variant, FORMATS[self.format].publish_folder, self.recipe) if p)
 
 
 def collect_entries(root: Path = Path(".")) -> list[Entry]:
     """Every model x recipe of params.yaml's pipeline, read from root's artifacts/ (one per variant and recipe)."""
     params = load_params(root / PARAMS_FILE)
     pipeline = lookup(params, "pipeline")
-    coreai = pipeline.get("coreai") or {}
     variants = {model: lookup(params, f"models.{model}.variant") for model in pipeline["models"]}
     for variant in sorted(set(variants.values())):
         if len(same := [m for m, v in variants.items() if v == variant]) > 1:
@@ -86,17 +84,14 @@ def collect_entries(root: Path = Path(".")) -> list[Entry]:
                 "folders; publish them to separate repositories"
             )
     entries = []
-    for model, variant in variants.items():
-        license_id = lookup(params, f"models.{model}.license")
-        for recipe in pipeline["recipes"]:
-            folder = root / package_dir(model, recipe)
-            manifest, metrics = read_json(folder / MANIFEST), read_json(root / metrics_file(model, recipe))
-            entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics))
-        for recipe in coreai.get("recipes", []) if model in coreai.get("models", []) else []:
-            folder = root / export_dir("coreai", model, recipe)
-            manifest = read_json(folder / MANIFEST)
-            metrics = read_json(root / export_metrics_file("coreai", model, recipe))
-            entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics, "coreai"))
+    for fmt in FORMATS.values():
+        built = pipeline if fmt.pipeline_key is None else pipeline.get(fmt.pipeline_key) or {}
+        for model in built.get("models", []):
+            variant, license_id = (lookup(params, f"models.{model}.{key}") for key in ("variant", "license"))
+            for recipe in built.get("recipes", []):
+                folder = root / fmt.artifacts_dir(model, recipe)
+                manifest, metrics = read_json(folder / MANIFEST), read_json(root / fmt.metrics_path(model, recipe))
+                entries.append(Entry(model, recipe, variant, license_id, folder, manifest, metrics, fmt.name))
     if not entries:
         raise VoxtralError(f"{PARAMS_FILE}: pipeline.models or pipeline.recipes is empty; nothing to publish")
     return entries
@@ -314,14 +309,13 @@ def render_card(entries: list[Entry], repo_id: str, mel_folders: list[str] | Non
             f'let embeddings = output.featureValue(for: "{first.manifest["outputs"][0]["name"]}")!.multiArrayValue!',
             "```",
             "",
-            *_coreai_section(entries),
+            *[line for fmt, usage in USAGE.items() for line in usage([e for e in entries if e.format == fmt])],
         ]
     )
 
 
-def _coreai_section(entries: list[Entry]) -> list[str]:
+def _coreai_usage(assets: list[Entry]) -> list[str]:
     """How to use the Core AI assets, if any were published."""
-    assets = [e for e in entries if e.format == "coreai"]
     if not assets:
         return []
     first = assets[0]
@@ -345,6 +339,10 @@ def _coreai_section(entries: list[Entry]) -> list[str]:
         "```",
         "",
     ]
+
+
+# format (formats.py) -> how an app uses its packages, after the card's Core ML sections: a card section per format.
+USAGE = {"coreai": _coreai_usage}
 
 
 def assemble_repository(

@@ -287,9 +287,9 @@ def convert_asset(
     *,
     model_name: str,
     variant: str | None = None,
-    attention: str = "split_heads",
-    query_chunk: int = 256,
-    attention_precision: str = "fp32",
+    attention: str,
+    query_chunk: int,
+    attention_precision: str,
 ) -> dict:
     """The Voxtral 2507 encoder as a Core AI asset at `asset`, `manifest.json` beside it (the Core ML packages' I/O
     contract: `mel_spectrogram` [1,128,3000] fp32 -> `audio_embeddings` [1,375,H] fp32); the attention cores compute

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ import torch
 
 from voxtral_coreml.check.backends import BACKENDS as COREML_BACKENDS
 from voxtral_coreml.pipeline.errors import VoxtralError
+from voxtral_coreml.pipeline.paths import export_dir, export_metrics_file, metrics_file, package_dir
 
 from .format_recipes import check_recipe_kind
 
@@ -58,6 +60,10 @@ class ExportFormat:
     # (backend, package, manifest's streaming entry) -> a streaming step with make_state() and predict(inputs, state)
     step_model: Callable[[str, Path, dict], contextlib.AbstractContextManager[Any]]
     streaming_forms: tuple[str, ...] | None  # the Realtime streaming forms it can hold (None: every form)
+    artifacts_dir: Callable[[str, str], Path]  # (model, recipe) -> the pipeline's package folder (package + manifest)
+    metrics_path: Callable[[str, str], Path]  # (model, recipe) -> the pipeline's validation metrics
+    pipeline_key: str | None  # params.yaml's pipeline.<key> lists its models and recipes (None: pipeline's own)
+    publish_folder: str  # where its packages go under <Variant>/ in a published repository ("": beside the variant)
     options: dict[str, FormatOption] = dataclasses.field(default_factory=dict)  # its own conversion options
 
     def package_name(self, family: ModuleType, variant: str, options: dict | None = None) -> str:
@@ -174,12 +180,13 @@ FORMATS: dict[str, ExportFormat] = {
     "coreml": ExportFormat(
         "coreml", ".mlpackage", "coreml", ("iOS16", "iOS17", "iOS18"), COREML_RUNNERS, _coreml_convert,
         _coreml_backend, _coreml_predictor, _coreml_structure, _coreml_check_target, _coreml_runtime, _coreml_run,
-        _coreml_step_model, None,
+        _coreml_step_model, None, package_dir, metrics_file, None, "",  # Core ML's folders predate other formats
     ),
     "coreai": ExportFormat(
         "coreai", ".aimodel", "coreai", ("v27",), ("coreai",), _coreai_convert,
         _coreai_backend, _coreai_predictor, _coreai_structure, _coreai_check_target, _coreai_runtime, _coreai_run,
-        _coreai_step_model, ("stateful",), {"attention_precision": ATTENTION_PRECISION},
+        _coreai_step_model, ("stateful",), partial(export_dir, "coreai"), partial(export_metrics_file, "coreai"),
+        "coreai", "coreai", {"attention_precision": ATTENTION_PRECISION},
     ),
 }  # fmt: skip
 DEFAULT_FORMAT = "coreml"

@@ -32,8 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METADATA = "._COREML_/"  # coremltools' compression metadata buffers: "<module>._COREML_/weight/<key>"
-CALIBRATED_KINDS = ("gptq", "skm")
-TORCH_KINDS = (*CALIBRATED_KINDS, "ptp")
+CALIBRATED_KINDS = ("gptq", "skm")  # the kinds that run calibration data through the model
 READOUTS = 4  # random readouts per calibration input for SKM's Fisher information
 SEED = 0  # coremltools' k-means initialization draws from torch's generator
 INFO_KEY = "calibration"  # the safetensors metadata entry holding how the result was made
@@ -81,7 +80,7 @@ def readout_loss(seed: int = SEED) -> Callable[[nn.Module, torch.Tensor], torch.
     return loss
 
 
-def _gptq(stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Tensor], device: str) -> None:
+def _gptq(stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Tensor], device: str, jobs: int) -> None:
     from coremltools.optimize.torch.layerwise_compression import (
         LayerwiseCompressor,
         LayerwiseCompressorConfig,
@@ -97,22 +96,36 @@ def _gptq(stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Te
     LayerwiseCompressor(stages, config).compress(list(data), device=device, inplace=True)
 
 
-def _palettizer(kind: str, stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Tensor], jobs: int):
+def _palettizer_config(stages: nn.Sequential, params: dict[str, Any], config_cls, module_config_cls):
+    return config_cls(
+        global_config=module_config_cls(**_tool_params(params)),
+        module_name_configs=small_modules(stages, params["weight_threshold"]),
+    )
+
+
+def _skm(stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Tensor], device: str, jobs: int) -> None:
     from coremltools.optimize.torch import palettization as pal
 
-    module_config = (pal.ModuleSKMPalettizerConfig if kind == "skm" else pal.ModulePostTrainingPalettizerConfig)(
-        **_tool_params(params)
-    )
-    config_cls = pal.SKMPalettizerConfig if kind == "skm" else pal.PostTrainingPalettizerConfig
-    config = config_cls(
-        global_config=module_config, module_name_configs=small_modules(stages, params["weight_threshold"])
-    )
-    if kind == "skm":
+    config = _palettizer_config(stages, params, pal.SKMPalettizerConfig, pal.ModuleSKMPalettizerConfig)
+    with torch.enable_grad():
+        stages.requires_grad_(True)  # SKM's Fisher information: squared gradients of the weights
         pal.SKMPalettizer(stages, config).compress(
             dataloader=list(data), loss_fn=readout_loss(), num_kmeans_workers=jobs, inplace=True
         )
-    else:
-        pal.PostTrainingPalettizer(stages, config).compress(num_kmeans_workers=jobs, inplace=True)
+
+
+def _ptp(stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Tensor], device: str, jobs: int) -> None:
+    from coremltools.optimize.torch import palettization as pal
+
+    config = _palettizer_config(
+        stages, params, pal.PostTrainingPalettizerConfig, pal.ModulePostTrainingPalettizerConfig
+    )
+    pal.PostTrainingPalettizer(stages, config).compress(num_kmeans_workers=jobs, inplace=True)
+
+
+# kind -> how coremltools.optimize.torch compresses it: (stages, params, calibration data, device, k-means workers)
+COMPRESSORS = {"gptq": _gptq, "skm": _skm, "ptp": _ptp}
+TORCH_KINDS = tuple(COMPRESSORS)
 
 
 def compress_module(
@@ -128,17 +141,12 @@ def compress_module(
     `model`'s own names: what `apply_compressed` needs to give another instance of the model the same compression.
 
     `stages` runs `model`'s forward as a sequence of modules sharing its submodules; `data` are its inputs."""
-    if kind not in TORCH_KINDS:
+    if kind not in COMPRESSORS:
         raise ValueError(f"not a torch compression kind: {kind!r}")
     torch.manual_seed(SEED)
     model.to(device)
     data = [x.to(device) for x in data]
-    if kind == "gptq":
-        _gptq(stages, params, data, device)
-    else:
-        with torch.enable_grad():
-            model.requires_grad_(kind == "skm")  # SKM's Fisher information: squared gradients of the weights
-            _palettizer(kind, stages, params, data, jobs)
+    COMPRESSORS[kind](stages, params, data, device, jobs)
     model.requires_grad_(False).cpu()
     state = model.state_dict()
     compressed = {key.split(METADATA)[0] for key in state if METADATA in key}

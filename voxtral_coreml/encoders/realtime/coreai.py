@@ -38,9 +38,9 @@ def convert_asset(
     *,
     model_name: str,
     variant: str | None = None,
-    attention: str = "split_heads_chunked",
-    query_chunk: int = 256,
-    attention_precision: str = "fp32",
+    attention: str,
+    query_chunk: int,
+    attention_precision: str,
     streaming: dict | None = None,
 ) -> dict:
     """The offline window (or, with `streaming` = {form: stateful, tokens_per_step}, the stateful step) as a Core AI

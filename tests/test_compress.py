@@ -199,6 +199,14 @@ def test_unsplittable_weight_is_an_error_not_a_silent_skip(programs: dict) -> No
         compress_mlmodel(programs["iOS18"], recipe("pal4g", group_size=48))
 
 
+def test_a_weight_of_exactly_weight_threshold_elements_stays_fp16(programs: dict, demo_model) -> None:
+    sizes = sorted({p.numel() for p in compressible_weights(demo_model, 0).values()})
+    threshold = sizes[0]  # the smallest conv/linear weights have exactly this many elements: left fp16, not an error
+    compressed, info = compress_mlmodel(programs["iOS16"], recipe("pal6", weight_threshold=threshold))
+    assert len(program_weights(compressed, threshold)) == 0
+    assert len(info["bits_per_op"]) == len(compressible_weights(demo_model, threshold)) > 0
+
+
 def test_mixed_needs_bits_for_every_weight(programs: dict, demo_model: torch.nn.Module, sensitivity: dict) -> None:
     r = recipe("mixed")
     with pytest.raises(VoxtralError, match="needs per-op bits from the sensitivity scan"):

@@ -93,6 +93,8 @@ def test_every_offline_readme_command_runs_as_written(tmp_path: Path, demo_repo:
         )
         assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         assert "Traceback" not in result.stderr, f"{command}\n{result.stderr[-3000:]}"
+        output = (result.stdout + result.stderr).lower()  # `dvc exp run --run-all` exits 0 when experiments fail
+        assert "failed to reproduce" not in output, f"{command}\n{result.stderr[-3000:]}"
         ran.append(command)
     status = run([*GIT, "status", "--porcelain", "--untracked-files=no"], clone).stdout
     assert re.fullmatch(r"( M (params\.yaml|dvc\.lock)\n)*", status), status  # only what `dvc exp run -S` changes

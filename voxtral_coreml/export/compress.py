@@ -193,6 +193,10 @@ def compressible_weights(model: torch.nn.Module, weight_threshold: int) -> dict[
     }
 
 
+def _feeds_a_weight(op, name: str) -> bool:
+    return op.op_type in WEIGHT_CONSUMERS and op.params_name_mapping.get("weight") == name
+
+
 def program_weights(mlmodel: MLModel, weight_threshold: int) -> dict[str, np.ndarray]:
     """Const op name -> value for the consts that feed a conv/linear/matmul `weight` and exceed the threshold."""
     import coremltools.optimize.coreml as cto
@@ -203,7 +207,8 @@ def program_weights(mlmodel: MLModel, weight_threshold: int) -> dict[str, np.nda
     return {
         name: meta.val
         for name, meta in metadata.items()
-        if any(op.op_type in WEIGHT_CONSUMERS and op.params_name_mapping.get("weight") == name for op in meta.child_ops)
+        # get_weights_metadata keeps a weight of exactly weight_threshold elements, which the compression skips
+        if meta.val.size > weight_threshold and any(_feeds_a_weight(op, name) for op in meta.child_ops)
     }
 
 

@@ -222,9 +222,7 @@ def rt_packages(rt_extracted: Path, tmp_path_factory) -> dict[str, Path]:
             recipe_name, yaml.safe_load((REPO / "conf/recipe" / f"{recipe_name}.yaml").read_text())
         )
         package = root / name / family.package_name(None, streaming)
-        family.convert_package(
-            rt_extracted, package, recipe, model_name="demo-realtime", streaming=streaming, **BUILD
-        )
+        family.convert_package(rt_extracted, package, recipe, model_name="demo-realtime", streaming=streaming, **BUILD)
         out[name] = package.parent
     return out
 

@@ -33,6 +33,7 @@ from voxtral_coreml.export.sensitivity import (
     _stages,
     calibration_encoder,
     choose_bits,
+    kmeans_tasks,
     predicted_psnr_db,
     program_bits,
     scan_sensitivity,
@@ -205,6 +206,15 @@ def test_a_weight_of_exactly_weight_threshold_elements_stays_fp16(programs: dict
     compressed, info = compress_mlmodel(programs["iOS16"], recipe("pal6", weight_threshold=threshold))
     assert len(program_weights(compressed, threshold)) == 0
     assert len(info["bits_per_op"]) == len(compressible_weights(demo_model, threshold)) > 0
+
+
+def test_kmeans_tasks_leave_the_models_storage_alone() -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    weight = torch.nn.Parameter(torch.ones(8, 8))
+    (task,) = kmeans_tasks({"w": weight}, (4,))
+    ForkingPickler.dumps(task)  # what a process pool's feeder thread does with a task, beside the running scan
+    assert task[0].is_shared() and not weight.is_shared()
 
 
 def test_mixed_needs_bits_for_every_weight(programs: dict, demo_model: torch.nn.Module, sensitivity: dict) -> None:

@@ -106,6 +106,12 @@ def _variants(task: tuple[torch.Tensor, tuple[int, ...]]) -> dict[int, torch.Ten
     return {b: palettized(weight, b) for b in bits}
 
 
+def kmeans_tasks(weights: dict[str, torch.nn.Parameter], bits: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, tuple]]:
+    """One task per weight, on a copy: pickling a tensor for a worker moves its storage into shared memory, which the
+    pool's feeder thread does while the scan runs the model on the parameters' own storages."""
+    return ((w.detach().clone(), bits) for w in weights.values())
+
+
 def _lookahead(pool: Executor | None, tasks: Iterable, depth: int) -> Iterator[dict[int, torch.Tensor]]:
     """_variants over tasks in order, at most `depth` computed ahead (each holds a few copies of one weight)."""
     if pool is None:
@@ -147,7 +153,7 @@ def scan_sensitivity(
     stages = _stages(model)
     weights = compressible_weights(model, settings["weight_threshold"])
     ops: dict[str, dict] = {}
-    tasks = ((w.detach(), candidates) for w in weights.values())
+    tasks = kmeans_tasks(weights, candidates)
     spawn = multiprocessing.get_context("spawn")  # fork would copy torch's and OpenMP's thread state
     with torch.no_grad(), ProcessPoolExecutor(jobs, spawn) if jobs > 1 else nullcontext() as pool:
         inputs, reference = _cached_inputs(stages, mel)

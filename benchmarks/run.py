@@ -18,8 +18,9 @@ from pathlib import Path
 from voxtral_coreml.check.backends import COMPUTE_UNITS
 from voxtral_coreml.encoders.attention import ATTENTION_CORES
 from voxtral_coreml.export.convert import tree_size
+from voxtral_coreml.export.formats import export_format
 from voxtral_coreml.pipeline.atomic import remove_path, write_json_atomic, write_text_atomic
-from voxtral_coreml.pipeline.paths import ARTIFACTS, checkpoint_dir, export_dir, extracted_dir, package_dir
+from voxtral_coreml.pipeline.paths import ARTIFACTS, checkpoint_dir, extracted_dir, package_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = (ROOT / ARTIFACTS / "bench").resolve()
@@ -118,7 +119,7 @@ def coreai_benchmarks(model: str, recipes: tuple[str, ...]) -> dict[str, dict]:
     rows = {}
     for recipe in recipes:
         rows[f"coreai_convert_{recipe}"] = stage("export", "coreai", model, recipe).row()
-        rows[f"coreai_convert_{recipe}"]["asset_gb"] = gb(export_dir("coreai", model, recipe))
+        rows[f"coreai_convert_{recipe}"]["asset_gb"] = gb(export_format("coreai").artifacts_dir(model, recipe))
     return rows
 
 

@@ -5,7 +5,7 @@ from voxtral_coreml.export.formats import export_format
 from voxtral_coreml.export.recipes import Recipe
 from voxtral_coreml.pipeline.atomic import atomic_path
 from voxtral_coreml.pipeline.params import load_params, lookup
-from voxtral_coreml.pipeline.paths import export_dir, extracted_dir
+from voxtral_coreml.pipeline.paths import extracted_dir
 from voxtral_coreml.pipeline.runner import run, stage_args
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     variant = lookup(params, f"models.{args.model}.variant")
     build = lookup(params, "build")
     family = family_of_extracted(extracted_dir(args.model))
-    with atomic_path(export_dir(fmt.name, args.model, args.recipe)) as staging:  # asset + manifest, or nothing
+    with atomic_path(fmt.artifacts_dir(args.model, args.recipe)) as staging:  # asset + manifest, or nothing
         staging.mkdir()
         fmt.convert(
             family,

@@ -16,7 +16,13 @@ from voxtral_coreml.export.calibration import calibrate
 from voxtral_coreml.export.convert import convert_package
 from voxtral_coreml.export.package_info import package_structure
 from voxtral_coreml.export.recipes import Recipe
-from voxtral_coreml.export.torch_compress import TORCH_KINDS, load_calibration, save_calibration
+from voxtral_coreml.export.torch_compress import (
+    TORCH_KINDS,
+    apply_compressed,
+    choose_promoted,
+    load_calibration,
+    save_calibration,
+)
 from voxtral_coreml.features.logmel import speech_mel
 from voxtral_coreml.numerics.metrics import psnr_db
 from voxtral_coreml.pipeline.errors import VoxtralError
@@ -25,13 +31,14 @@ from voxtral_coreml.sources.extract import load_extracted
 CONFIGS = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((REPO / "conf" / "recipe").glob("*.yaml"))}
 TORCH_RECIPES = sorted(name for name, cfg in CONFIGS.items() if cfg["kind"] in TORCH_KINDS)
 TINY_CALIBRATION = {"clips": 1, "seconds": 2, "first": 100, "device": "cpu"}  # one window: cheap, still real speech
+DEMO_PROMOTE_SHARE = 0.1  # 2% of the demo model's parameters is less than one of its 64 x 64 weights
 # One recipe per kind is built here (each costs two calibrations and two conversions); every recipe of conf/recipe/
 # is measured on trained weights by benchmarks/trained.py. The constexpr ops its weights become (per-channel scales
 # on a LUT add a blockwise op per weight), and its floor vs the fp32 module on demo (random) weights: far above what
 # a misread scale or LUT gives (< 5 dB).
 BUILT = {
     "gptq4": ({"constexpr_blockwise_shift_scale"}, 18),
-    "skm4g": ({"constexpr_lut_to_dense"}, 18),
+    "skm6g": ({"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"}, 28),
     "pal6s": ({"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"}, 28),
 }
 
@@ -40,6 +47,8 @@ def recipe(name: str, **overrides: object) -> Recipe:
     cfg = {**CONFIGS[name], **overrides}
     if "calibration" in cfg and "calibration" not in overrides:
         cfg["calibration"] = TINY_CALIBRATION
+    if cfg.get("promote") and "promote" not in overrides:
+        cfg["promote"] = {**cfg["promote"], "share": DEMO_PROMOTE_SHARE}
     return Recipe.from_config(name, cfg)
 
 
@@ -99,7 +108,14 @@ def test_manifest_records_bits_and_calibration_info(built: dict) -> None:
     manifest = json.loads((built["packages"][0] / "manifest.json").read_text())
     r = recipe(built["name"])
     bits = r.params.get("n_bits") or int(r.params["weight_dtype"].removeprefix("uint"))
-    assert set(manifest["compression"]["bits_per_op"].values()) == {bits}
+    promote = r.params.get("promote")
+    recorded = manifest["compression"]["bits_per_op"]
+    assert set(recorded.values()) == ({bits, promote["n_bits"]} if promote else {bits})
+    if promote:  # the LUTs say so too: 2^bits entries
+        promoted = {
+            k.split("._COREML_/")[0] for k, v in built["states"][0].items() if k.endswith("lut") and v.shape[-2] == 256
+        }
+        assert promoted == {name for name, b in recorded.items() if b == promote["n_bits"]}
     assert manifest["compression"]["kept_fp16"] == []
     info = built["info"]
     assert info["device"] == "cpu" and info["seconds"] >= 0 and info["peak_rss_gib"] > 0
@@ -114,6 +130,8 @@ def test_manifest_records_bits_and_calibration_info(built: dict) -> None:
         ("skm4g", {"calibration": {"clips": 1, "seconds": 5, "first": 0, "device": "tpu"}}, r"device \(cpu, cuda"),
         ("pal4s", {"min_target": "iOS16"}, r"recipe 'pal4s': .* needs min_target iOS18"),
         ("gptq8", {"lut_dtype": "int8"}, r"recipe 'gptq8': unknown key 'lut_dtype' for kind gptq"),
+        ("skm6g", {"promote": {"n_bits": 6, "share": 0.02}}, r"recipe 'skm6g': promote.n_bits 6 is not above n_bits"),
+        ("skm6g", {"promote": {"n_bits": 8, "share": 2}}, r"recipe 'skm6g': promote .* is not null or \{n_bits"),
     ],
 )
 def test_bad_torch_recipe_is_one_line_naming_recipe_and_key(name: str, overrides: dict, message: str) -> None:
@@ -135,3 +153,26 @@ def test_unavailable_calibration_device_is_named(extracted: Path) -> None:
         pytest.skip("this machine has CUDA")  # the message is about a missing accelerator
     with pytest.raises(VoxtralError, match=r"calibration.device 'cuda' is not available on this machine"):
         calibrate(extracted, recipe("gptq4", calibration={**TINY_CALIBRATION, "device": "cuda"}))
+
+
+def test_promotion_takes_the_most_noise_per_parameter_within_its_share() -> None:
+    damage = {"a": 8.0, "b": 6.0, "c": 1.0, "d": 3.0}
+    sizes = {"a": 4, "b": 2, "c": 1, "d": 1}  # noise per parameter: b 3, d 3, a 2, c 1; half of 8 parameters: 4
+    assert choose_promoted(damage, sizes, share=0.5) == ["b", "c", "d"]  # a does not fit after b and d; c does
+    assert choose_promoted(damage, sizes, share=0.1) == []
+
+
+def test_promoting_the_damaging_weights_lowers_the_output_error(extracted: Path) -> None:
+    """skm6g with and without promotion, same calibration: the promoted weights' 8 bits cut the output's error."""
+    weights, dims, _ = load_extracted(extracted)
+    mel = speech_mel()
+    with torch.inference_mode():
+        expected = build_ane_encoder(weights, dims, "fused_heads")(mel)
+    psnr = {}
+    for promote in (None, {"n_bits": 8, "share": DEMO_PROMOTE_SHARE}):
+        state, _ = calibrate(extracted, recipe("skm6g", promote=promote))
+        model = build_ane_encoder(weights, dims, "fused_heads")
+        apply_compressed(model, state)
+        with torch.inference_mode():
+            psnr[bool(promote)] = psnr_db(expected, model(mel))
+    assert psnr[True] > psnr[False] + 1, psnr

@@ -83,6 +83,17 @@ def _is_calibration(v: Any) -> bool:
 
 
 CALIBRATION = Param(_is_calibration, "{clips, seconds (at most 30), first, device (cpu, cuda or mps)}")
+
+
+def _is_promote(v: Any) -> bool:
+    if v is None:
+        return True
+    if not isinstance(v, dict) or set(v) != {"n_bits", "share"}:
+        return False
+    return v["n_bits"] in PALETTE_NBITS and NUMBER.check(v["share"]) and 0 < v["share"] <= 1
+
+
+PROMOTE = Param(_is_promote, f"null or {{n_bits (one of {', '.join(map(str, PALETTE_NBITS))}), share (0 to 1]}}")
 # Data-aware and torch-side recipes (torch_compress.py): coremltools.optimize.torch's own config fields.
 PALETTIZER_PARAMS = {
     "weight_threshold": NON_NEGATIVE_INT,
@@ -115,7 +126,7 @@ KIND_PARAMS: dict[str, dict[str, Param]] = {
         "hessian_dampening": NUMBER,
         "calibration": CALIBRATION,
     },
-    "skm": {**PALETTIZER_PARAMS, "calibration": CALIBRATION},
+    "skm": {**PALETTIZER_PARAMS, "calibration": CALIBRATION, "promote": PROMOTE},
     "ptp": PALETTIZER_PARAMS,
 }
 GRANULARITY_PARAMS = {"per_block": "block_size", "per_grouped_channel": "group_size"}  # required with that one only
@@ -141,6 +152,8 @@ def validate_params(recipe: str, kind: str, params: dict[str, Any]) -> None:
         target, candidates = params["target_bits"], params["candidate_bits"]
         if not min(candidates) <= target <= max(candidates):
             raise VoxtralError(f"recipe '{recipe}': target_bits {target} is outside candidate_bits {candidates}")
+    if params.get("promote") and params["promote"]["n_bits"] <= params["n_bits"]:
+        raise VoxtralError(f"recipe '{recipe}': promote.n_bits {params['promote']['n_bits']} is not above n_bits")
 
 
 def required_target(params: dict[str, Any]) -> tuple[str, str]:

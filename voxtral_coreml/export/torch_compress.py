@@ -6,7 +6,8 @@ decompresses them on the fly; the compressed module carries coremltools' compres
 
     gptq   LayerwiseCompressor + ModuleGPTQConfig: quantizes layer after layer and compensates each weight's
            rounding error on the calibration activations (needs the model as a sequence of stages)
-    skm    SKMPalettizer: k-means weighted by each weight's Fisher information on the calibration data
+    skm    SKMPalettizer: k-means weighted by each weight's Fisher information on the calibration data; with
+           `promote`, the weights whose compression alone hurts the output most get more bits (promote_sensitive)
     ptp    PostTrainingPalettizer: k-means without data (per-channel scales, int8 LUTs: coremltools' own fields)
 
 Family-agnostic: it sees an nn.Module, the stages it runs in (gptq) and calibration inputs, nothing else.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +39,8 @@ CALIBRATED_KINDS = ("gptq", "skm")  # the kinds that run calibration data throug
 READOUTS = 4  # random readouts per calibration input for SKM's Fisher information
 SEED = 0  # coremltools' k-means initialization draws from torch's generator
 INFO_KEY = "calibration"  # the safetensors metadata entry holding how the result was made
+WEIGHT_METADATA = "_COREML_/weight/"  # a compressed module's own buffers (the model's root holds a version too)
+LUT_KEY = "weight/lut"  # a palettized weight's LUT: [..., 2^bits, cluster_dim]
 STORED_INFO = ("recipe", "kind", "calibration", "device")  # not times: the same inputs give the same file
 
 
@@ -62,7 +67,7 @@ def small_modules(model: nn.Module, weight_threshold: int) -> dict[str, None]:
 
 
 def _tool_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k not in ("weight_threshold", "calibration")}
+    return {k: v for k, v in params.items() if k not in ("weight_threshold", "calibration", "promote")}
 
 
 def readout_loss(seed: int = SEED) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
@@ -123,6 +128,82 @@ def _ptp(stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Ten
     pal.PostTrainingPalettizer(stages, config).compress(num_kmeans_workers=jobs, inplace=True)
 
 
+def compressed_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """The modules under `root` that coremltools compressed (they carry its metadata buffers), by name."""
+    return {name: m for name, m in root.named_modules() if any(b.startswith(WEIGHT_METADATA) for b in m._buffers)}
+
+
+@torch.no_grad()
+def compression_damage(
+    stages: nn.Sequential, original: dict[str, torch.Tensor], data: Sequence[torch.Tensor]
+) -> dict[str, float]:
+    """Output noise energy (summed over `data`) that each compressed weight causes alone, every other weight as
+    `original` holds it. Each stage's input is computed once; a weight's trial re-runs the stages from its own on."""
+    modules = compressed_modules(stages)
+    compressed = {name: modules[name].weight.data for name in original}
+    for name, weight in original.items():
+        modules[name].weight.data = weight
+    inputs, outputs = [], []
+    for x in data:
+        inputs.append([])
+        for stage in stages:
+            inputs[-1].append(x)
+            x = stage(x)
+        outputs.append(x)
+    damage = {}
+    for name in original:
+        first = int(name.split(".")[0])  # the stage that owns the weight: stages are named 0, 1, ...
+        modules[name].weight.data = compressed[name]
+        noise = 0.0
+        for stage_inputs, reference in zip(inputs, outputs, strict=True):
+            y = stage_inputs[first]
+            for stage in stages[first:]:
+                y = stage(y)
+            noise += float(((y - reference) ** 2).sum())
+        damage[name] = noise
+        modules[name].weight.data = original[name]
+    for name, weight in compressed.items():
+        modules[name].weight.data = weight
+    return damage
+
+
+def choose_promoted(damage: dict[str, float], sizes: dict[str, int], share: float) -> list[str]:
+    """The weights to promote: most noise removed per parameter first, while they fit in `share` of all parameters
+    (promoting a weight removes most of its noise; the bits it costs grow with its size)."""
+    budget, used, chosen = share * sum(sizes.values()), 0, []
+    for name in sorted(damage, key=lambda n: (-damage[n] / sizes[n], n)):
+        if used + sizes[name] <= budget:
+            chosen.append(name)
+            used += sizes[name]
+    return sorted(chosen)
+
+
+def promote_sensitive(
+    stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Tensor], original: dict, jobs: int
+) -> list[str]:
+    """Outlier weights kept apart: measure each compressed weight's damage on the calibration data, and compress the
+    worst again from their original values at `promote.n_bits` (k-means without data, the recipe's granularity and
+    scales). Returns the promoted weights' names under `stages`."""
+    from coremltools.optimize.torch import palettization as pal
+
+    promote = params["promote"]
+    damage = compression_damage(stages, original, data)
+    chosen = choose_promoted(damage, {n: w.numel() for n, w in original.items()}, promote["share"])
+    modules = compressed_modules(stages)
+    for name in chosen:
+        modules[name].weight.data = original[name].clone()
+        for buffer in [b for b in modules[name]._buffers if b.startswith(WEIGHT_METADATA)]:
+            del modules[name]._buffers[buffer]
+    module_config = pal.ModulePostTrainingPalettizerConfig(**{**_tool_params(params), "n_bits": promote["n_bits"]})
+    config = pal.PostTrainingPalettizerConfig(module_name_configs={re.escape(n): module_config for n in chosen})
+    if chosen:
+        pal.PostTrainingPalettizer(stages, config).compress(num_kmeans_workers=jobs, inplace=True)
+    total = math.fsum(damage.values())
+    log.info("promoted to %d bits: %s (%.1f%% of the measured noise)", promote["n_bits"], ", ".join(chosen) or "none",
+             100 * math.fsum(damage[n] for n in chosen) / total if total else 0.0)  # fmt: skip
+    return chosen
+
+
 # kind -> how coremltools.optimize.torch compresses it: (stages, params, calibration data, device, k-means workers)
 COMPRESSORS = {"gptq": _gptq, "skm": _skm, "ptp": _ptp}
 TORCH_KINDS = tuple(COMPRESSORS)
@@ -146,7 +227,12 @@ def compress_module(
     torch.manual_seed(SEED)
     model.to(device)
     data = [x.to(device) for x in data]
+    promote = params.get("promote")
+    before = {n: p.detach().clone() for n, p in stages.named_parameters() if n.endswith(".weight")} if promote else {}
     COMPRESSORS[kind](stages, params, data, device, jobs)
+    if promote:
+        original = {name: before[f"{name}.weight"] for name in compressed_modules(stages)}
+        promote_sensitive(stages, params, data, original, jobs)
     model.requires_grad_(False).cpu()
     state = model.state_dict()
     compressed = {key.split(METADATA)[0] for key in state if METADATA in key}
@@ -182,7 +268,9 @@ def torch_compression_info(model: nn.Module, recipe: Recipe, state: dict[str, to
     nbits = params.get("n_bits") or int(params["weight_dtype"].removeprefix("uint"))
     weights = compressible_weights(model, params["weight_threshold"])
     done = {key.split(METADATA)[0] for key in state if METADATA in key}
-    bits = {name: nbits if name in done else 16 for name in weights}
+    luts = {key.split(METADATA)[0]: lut for key, lut in state.items() if key.endswith(METADATA + LUT_KEY)}
+    bits = {name: 16 for name in weights} | {name: nbits for name in done}
+    bits |= {name: int(math.log2(lut.shape[-2])) for name, lut in luts.items()}  # 2^bits entries: promoted ones too
     sizes = {name: w.numel() for name, w in weights.items()}
     left = sorted(n for n, b in bits.items() if b == 16)
     if left:

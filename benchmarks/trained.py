@@ -1,4 +1,4 @@
-"""Compression measured on trained weights: Whisper base's encoder in the Voxtral layout (conf/model/whisper-base).
+"""Compression measured on trained weights: Whisper base's encoder in the Voxtral layout (conf/model/whisper-base.yaml).
 
 For each recipe: calibration (data-aware recipes) and conversion times, package size, and the package executed by
 the MIL runtime vs transformers in fp32 on 12 s and 70 s of espeak-ng speech (PSNR, token cosines); then the

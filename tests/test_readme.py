@@ -21,15 +21,16 @@ NOT_OFFLINE = ("needs the network", "runs the test suite")  # how the README mar
 VENV = Path(sys.executable).parent.parent
 
 
-def readme_commands(readme: Path) -> list[str]:
-    """The command lines of the ```bash blocks, in order (comment lines dropped, continuations joined)."""
+def readme_commands(readme: Path, language: str = "bash") -> list[str]:
+    """The lines of the ```bash (or other `language`) blocks, in order (comment lines dropped, continuations
+    joined)."""
     commands: list[str] = []
-    in_bash = False
+    in_block = False
     for line in readme.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("```"):
-            in_bash = stripped == "```bash"
-        elif in_bash and stripped and not stripped.startswith("#"):
+            in_block = stripped == f"```{language}"
+        elif in_block and stripped and not stripped.startswith("#"):
             if commands and commands[-1].endswith("\\"):
                 commands[-1] = f"{commands[-1][:-1]} {stripped}"
             else:
@@ -78,6 +79,22 @@ def test_the_readme_lists_commands_and_marks_the_ones_that_need_the_network() ->
     assert commands[0].startswith("make demo")
     assert any(c.startswith("make publish") and marked(c) for c in commands)
     assert sum(not marked(c) for c in commands) >= 15
+
+
+def test_the_readmes_python_imports_exist() -> None:
+    """The ```python blocks import what the package has (a layout change once left them naming old modules)."""
+    imports = [line for line in readme_commands(REPO / "README.md", "python") if line.startswith("from voxtral_coreml")]
+    assert imports
+    for line in imports:
+        exec(line, {})  # the README's own import lines
+
+
+def test_the_readmes_paths_exist() -> None:
+    """Every repository path the README names in backticks is there (a path may wrap after a slash)."""
+    text = (REPO / "README.md").read_text().replace("/\n", "/")
+    paths = set(re.findall(r"`((?:voxtral_coreml|stages|conf|benchmarks|tests|\.ci)/[\w./-]*)`", text))
+    assert len(paths) > 10
+    assert [p for p in sorted(paths) if not (REPO / p).exists()] == []
 
 
 def test_every_offline_readme_command_runs_as_written(tmp_path: Path, demo_repo: Path) -> None:

@@ -181,7 +181,7 @@ def summary_md(rows: list[dict], task_clips: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(RECIPES))
-    parser.add_argument("--task-recipes", default="fp16,int8,gptq4,pal4,pal6s", help="those the decoder checks")
+    parser.add_argument("--task-recipes", default="fp16,int8,gptq4,pal4,pal6s,skm6g", help="those the decoder checks")
     parser.add_argument("--clips", type=int, default=20)
     parser.add_argument("--clip-seconds", type=float, default=8.0)
     args = parser.parse_args()

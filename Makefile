@@ -7,7 +7,7 @@ BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test params lint publish bench bench-realtime bench-trained clean-artifacts
+.PHONY: install demo test params lint publish bench bench-realtime bench-calibrated bench-trained clean-artifacts
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "== installing pinned dependencies into $(VENV)"
@@ -44,7 +44,8 @@ lint: $(STAMP)
 clean-artifacts:
 	rm -rf artifacts/checkpoints artifacts/extracted artifacts/reference artifacts/packages artifacts/metrics artifacts/report.md
 
-# Full-dimension benchmarks (about 15 minutes): artifacts/bench/summary.json and summary.md.
+# Full-dimension benchmarks (hours on 2 cores, skm6g's full-size k-means about two of them): artifacts/bench/summary.json
+# and summary.md.
 bench: $(STAMP)
 	$(RUN) $(BIN)/python -m benchmarks.run
 
@@ -52,6 +53,11 @@ bench: $(STAMP)
 # artifacts/bench/realtime.json and realtime.md.
 bench-realtime: $(STAMP)
 	$(RUN) $(BIN)/python -m benchmarks.run realtime
+
+# The data-aware recipes (gptq4, skm6g) at full size, calibration and conversion, beside fp16 (hours on 2 cores; skm6g's
+# k-means most of it): artifacts/bench/calibrated.json.
+bench-calibrated: $(STAMP)
+	$(RUN) $(BIN)/python -m benchmarks.run calibrated
 
 # Every recipe on trained weights (Whisper base's encoder; espeak-ng speech; about 1 h on 2 cores, calibrations
 # cached): artifacts/bench/trained/summary.json and summary.md, the README's trained-weights table.

@@ -20,7 +20,7 @@ from voxtral_coreml.encoders.attention import ATTENTION_CORES
 from voxtral_coreml.export.convert import tree_size
 from voxtral_coreml.export.formats import export_format
 from voxtral_coreml.pipeline.atomic import remove_path, write_json_atomic, write_text_atomic
-from voxtral_coreml.pipeline.paths import ARTIFACTS, checkpoint_dir, extracted_dir, package_dir
+from voxtral_coreml.pipeline.paths import ARTIFACTS, calibration_file, checkpoint_dir, extracted_dir, package_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = (ROOT / ARTIFACTS / "bench").resolve()
@@ -36,6 +36,9 @@ RECIPES = {
     "synthetic-small": ("fp16",),
     "synthetic-realtime": ("fp16",),
 }
+# Data-aware recipes at full size: calibration (the sensitivity stage) then conversion. skm6g's k-means takes about
+# 2 hours on 2 cores, its promotion trials about half an hour more.
+CALIBRATED_RECIPES = {"synthetic-mini": ("gptq4", "skm6g")}
 STREAMING_K = (1, 4)  # tokens per step of the Realtime streaming packages measured
 # Core AI assets: export time, peak RSS and size beside Core ML's. Not validated here: coreai-core's Linux CPU runtime
 # is a reference executor, slow on fp16 (a demo window takes seconds with fp32 attention; a full one was not measured).
@@ -143,6 +146,21 @@ def coreml_latencies(model: str) -> dict[str, dict]:  # pragma: no cover
         for recipe in RECIPES[model]
         for units in COMPUTE_UNITS
     }
+
+
+def calibrated_benchmarks(model: str, recipes: tuple[str, ...]) -> dict[str, dict]:
+    """Per data-aware recipe: its calibration (wall time, peak RSS, the device it ran on) and its conversion from the
+    calibrated weights, validated; the same model's fp16 conversion is the baseline (model_benchmarks)."""
+    from voxtral_coreml.export.torch_compress import calibration_info
+
+    rows = {}
+    for recipe in recipes:
+        rows[f"calibrate_{recipe}"] = stage("sensitivity", model, recipe).row()
+        rows[f"calibrate_{recipe}"]["device"] = calibration_info(WORKSPACE / calibration_file(model, recipe))["device"]
+        rows[f"convert_{recipe}"] = stage("convert", model, recipe).row()
+        rows[f"convert_{recipe}"]["package_gb"] = gb(package_dir(model, recipe))
+        rows[f"validate_{recipe}"] = task(f"validate/{model}-{recipe}", "validate", model, "--recipe", recipe).row()
+    return rows
 
 
 def realtime_benchmarks(model: str = "synthetic-realtime") -> dict:
@@ -282,6 +300,30 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibrated_summary(rows: dict[str, dict], recipes: tuple[str, ...]) -> dict:
+    """Calibration time, peak RSS and device per data-aware recipe; every compressed recipe's conversion time over
+    the fp16 conversion's in the same run (the k-means recipes: at most 2x is the goal)."""
+    fp16_s = rows["convert_fp16"]["wall_s"]
+    return {
+        **{f"calibrate_{r}": rows[f"calibrate_{r}"] for r in recipes},
+        "convert_vs_fp16_time": {
+            name.removeprefix("convert_"): round(row["wall_s"] / fp16_s, 3)
+            for name, row in rows.items()
+            if name.startswith("convert_") and name != "convert_fp16"
+        },
+        "psnr_db": {r: rows[f"validate_{r}"]["psnr_db"] for r in recipes},
+    }
+
+
+def calibrated_only() -> None:
+    """`make bench-calibrated`: the data-aware recipes at full size against the fp16 conversion of the same run."""
+    model = "synthetic-mini"
+    rows = model_benchmarks(model, ("fp16",)) | calibrated_benchmarks(model, CALIBRATED_RECIPES[model])
+    summary = {**calibrated_summary(rows, CALIBRATED_RECIPES[model]), "rows": rows}
+    write_json_atomic(BENCH / "calibrated.json", summary)
+    print(json.dumps(summary, indent=1))
+
+
 def realtime_only() -> None:
     """`make bench-realtime`: Realtime's figures against synthetic-mini's fp16 conversion in the same run, without
     the rest of `make bench` (its k-means recipes and baselines take hours on a loaded 2-core machine)."""
@@ -305,8 +347,12 @@ def main() -> None:
     if sys.argv[1:] == ["realtime"]:
         realtime_only()
         return
+    if sys.argv[1:] == ["calibrated"]:
+        calibrated_only()
+        return
     per_model = {model: model_benchmarks(model) for model in MODELS}
     mini = "synthetic-mini"
+    per_model[mini] |= calibrated_benchmarks(mini, CALIBRATED_RECIPES[mini])
     extra = {
         "naive": task("naive", "naive", mini, "--out", str(BENCH / "work" / "naive.mlpackage")),
         **forward_pair(mini),
@@ -319,6 +365,7 @@ def main() -> None:
         for core in ATTENTION_CORES
     }  # fmt: skip
     summary = summarize(per_model, extra, attention)
+    summary["calibrated"] = calibrated_summary(per_model[mini], CALIBRATED_RECIPES[mini])
     summary["realtime"] = realtime_summary(per_model, realtime_benchmarks(), conversion_floor_gb())
     if sys.platform == "darwin":
         summary["coreml"] = coreml_latencies(mini)

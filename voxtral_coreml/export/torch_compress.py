@@ -40,6 +40,7 @@ READOUTS = 4  # random readouts per calibration input for SKM's Fisher informati
 SEED = 0  # coremltools' k-means initialization draws from torch's generator
 INFO_KEY = "calibration"  # the safetensors metadata entry holding how the result was made
 WEIGHT_METADATA = "_COREML_/weight/"  # a compressed module's own buffers (the model's root holds a version too)
+DAMAGE_WINDOWS = 1  # calibration windows promote_sensitive ranks weights on
 LUT_KEY = "weight/lut"  # a palettized weight's LUT: [..., 2^bits, cluster_dim]
 STORED_INFO = ("recipe", "kind", "calibration", "device")  # not times: the same inputs give the same file
 
@@ -181,13 +182,14 @@ def choose_promoted(damage: dict[str, float], sizes: dict[str, int], share: floa
 def promote_sensitive(
     stages: nn.Sequential, params: dict[str, Any], data: Sequence[torch.Tensor], original: dict, jobs: int
 ) -> list[str]:
-    """Outlier weights kept apart: measure each compressed weight's damage on the calibration data, and compress the
-    worst again from their original values at `promote.n_bits` (k-means without data, the recipe's granularity and
-    scales). Returns the promoted weights' names under `stages`."""
+    """Outlier weights kept apart: each compressed weight's damage is measured on the first calibration window (one
+    trial per weight, re-running the model from the weight's stage on: at full size about half a minute each), and
+    the worst are compressed again from their original values at `promote.n_bits` (k-means without data, the
+    recipe's granularity and scales). Returns the promoted weights' names under `stages`."""
     from coremltools.optimize.torch import palettization as pal
 
     promote = params["promote"]
-    damage = compression_damage(stages, original, data)
+    damage = compression_damage(stages, original, data[:DAMAGE_WINDOWS])
     chosen = choose_promoted(damage, {n: w.numel() for n, w in original.items()}, promote["share"])
     modules = compressed_modules(stages)
     for name in chosen:
@@ -283,6 +285,14 @@ def save_calibration(path: Path, state: dict[str, torch.Tensor], info: dict[str,
     specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in sorted(state.items())]
     stored = json.dumps({k: info[k] for k in STORED_INFO if k in info}, sort_keys=True)
     write_safetensors(path, specs, lambda spec: state[spec.name], {INFO_KEY: stored})
+
+
+def calibration_info(path: Path) -> dict[str, Any]:
+    """What made a cached calibration (save_calibration's metadata: recipe, kind, calibration, device)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()[INFO_KEY])
 
 
 def load_calibration(path: Path) -> dict[str, torch.Tensor]:

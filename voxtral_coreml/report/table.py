@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from voxtral_coreml.export.formats import export_format
 from voxtral_coreml.numerics.stable import FLOAT64_RESOLUTION_DB
 from voxtral_coreml.pipeline.atomic import write_text_atomic
 from voxtral_coreml.pipeline.errors import read_json
 from voxtral_coreml.pipeline.paths import (
     ARTIFACTS,
+    export_metrics_file,
     mel_metrics_file,
     metrics_file,
     parity_file,
@@ -105,7 +105,7 @@ def coreai_section(models: list[str], recipes: list[str]) -> list[str]:
     """The Core AI assets, if the pipeline builds any: the same table, run by Apple's Core AI runtime."""
     if not models or not recipes:
         return []
-    lines = package_table(models, recipes, export_format("coreai").metrics_path)
+    lines = package_table(models, recipes, lambda model, recipe: export_metrics_file("coreai", model, recipe))
     return [
         "## Core AI assets (`.aimodel`, iOS / macOS 27)",
         "",

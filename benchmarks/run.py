@@ -110,11 +110,16 @@ def model_benchmarks(model: str, recipes: tuple[str, ...] | None = None) -> dict
     rows["download"]["checkpoint_gb"] = gb(checkpoint_dir(model))
     rows["extract"]["extracted_gb"] = gb(extracted_dir(model))
     for recipe in recipes or RECIPES[model]:
-        rows[f"convert_{recipe}"] = stage("convert", model, recipe).row()
-        rows[f"convert_{recipe}"]["package_gb"] = gb(package_dir(model, recipe))
-        rows[f"validate_{recipe}"] = task(f"validate/{model}-{recipe}", "validate", model, "--recipe", recipe).row()
+        rows |= convert_and_validate(model, recipe)
     rows.update(coreai_benchmarks(model, COREAI_RECIPES[model]))
     return rows
+
+
+def convert_and_validate(model: str, recipe: str) -> dict[str, dict]:
+    """The convert stage (wall time, peak RSS, package size) and the package validated against transformers."""
+    convert = {**stage("convert", model, recipe).row(), "package_gb": gb(package_dir(model, recipe))}
+    validate = task(f"validate/{model}-{recipe}", "validate", model, "--recipe", recipe).row()
+    return {f"convert_{recipe}": convert, f"validate_{recipe}": validate}
 
 
 def coreai_benchmarks(model: str, recipes: tuple[str, ...]) -> dict[str, dict]:
@@ -157,9 +162,7 @@ def calibrated_benchmarks(model: str, recipes: tuple[str, ...]) -> dict[str, dic
     for recipe in recipes:
         rows[f"calibrate_{recipe}"] = stage("sensitivity", model, recipe).row()
         rows[f"calibrate_{recipe}"]["device"] = calibration_info(WORKSPACE / calibration_file(model, recipe))["device"]
-        rows[f"convert_{recipe}"] = stage("convert", model, recipe).row()
-        rows[f"convert_{recipe}"]["package_gb"] = gb(package_dir(model, recipe))
-        rows[f"validate_{recipe}"] = task(f"validate/{model}-{recipe}", "validate", model, "--recipe", recipe).row()
+        rows |= convert_and_validate(model, recipe)
     return rows
 
 

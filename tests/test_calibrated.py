@@ -112,9 +112,8 @@ def test_manifest_records_bits_and_calibration_info(built: dict) -> None:
     recorded = manifest["compression"]["bits_per_op"]
     assert set(recorded.values()) == ({bits, promote["n_bits"]} if promote else {bits})
     if promote:  # the LUTs say so too: 2^bits entries
-        promoted = {
-            k.split("._COREML_/")[0] for k, v in built["states"][0].items() if k.endswith("lut") and v.shape[-2] == 256
-        }
+        luts = {k.split("._COREML_/")[0]: v for k, v in built["states"][0].items() if k.endswith("weight/lut")}
+        promoted = {name for name, lut in luts.items() if lut.shape[-2] == 2 ** promote["n_bits"]}
         assert promoted == {name for name, b in recorded.items() if b == promote["n_bits"]}
     assert manifest["compression"]["kept_fp16"] == []
     info = built["info"]

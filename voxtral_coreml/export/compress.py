@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.pool import Pool
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -252,7 +255,55 @@ def weight_op_names(mlmodel: MLModel, model: torch.nn.Module, weight_threshold: 
     return names
 
 
-def _op_config(recipe: Recipe, nbits: int):
+def kmeans_workers() -> int:
+    """The CPUs this process may use: k-means worker processes when a caller names no number."""
+    return len(os.sched_getaffinity(0))
+
+
+class _SharedPool:
+    """coremltools' palettize pass keeps one pool on its class and closes it whenever a pass object is collected,
+    without forgetting it: the next pass would find it closed. This view ignores that close; `kmeans_pool` ends it."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    def starmap(self, function: Callable, arguments: Iterable) -> list:
+        return self._pool.starmap(function, arguments)
+
+    def close(self) -> None:
+        pass
+
+
+def _one_thread() -> None:
+    """A k-means worker's start: one thread for its whole life (see `deterministic_kmeans`)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+
+@contextmanager
+def kmeans_pool(jobs: int) -> Iterator[None]:
+    """`jobs` k-means processes for the palettize pass while the context lasts (none for one job), each clustering
+    one LUT group at a time on one thread: the LUTs do not depend on `jobs`. They come from a fork server (this
+    module and coremltools' preloaded), never forked from this process, whose threads (torch's, tqdm's) may hold
+    locks."""
+    from coremltools.optimize.coreml._quantization_passes import palettize_weights
+
+    with deterministic_kmeans():
+        if jobs <= 1:
+            yield
+            return
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__, palettize_weights.__module__])
+        with context.Pool(jobs, initializer=_one_thread) as pool:
+            palettize_weights._compress_pool = _SharedPool(pool)
+            try:
+                yield
+            finally:
+                palettize_weights._compress_pool = None
+
+
+def _op_config(recipe: Recipe, nbits: int, jobs: int):
     import coremltools.optimize.coreml as cto
 
     params = dict(recipe.params)
@@ -260,7 +311,7 @@ def _op_config(recipe: Recipe, nbits: int):
         return cto.OpLinearQuantizerConfig(**params)
     if recipe.kind == "mixed":
         params = {"weight_threshold": params["weight_threshold"], "granularity": "per_tensor", "nbits": nbits}
-    return cto.OpPalettizerConfig(mode="kmeans", **params)
+    return cto.OpPalettizerConfig(mode="kmeans", num_kmeans_workers=jobs, **params)
 
 
 def _bits_per_weight(recipe: Recipe, weights: dict[str, np.ndarray], bits_per_op: dict[str, int] | None):
@@ -321,12 +372,13 @@ def decompress_mlmodel(mlmodel: MLModel) -> MLModel:
 
 
 def compress_mlmodel(
-    mlmodel: MLModel, recipe: Recipe, bits_per_op: dict[str, int] | None = None
+    mlmodel: MLModel, recipe: Recipe, bits_per_op: dict[str, int] | None = None, jobs: int | None = None
 ) -> tuple[MLModel, dict[str, Any]]:
     """The program compressed as `recipe` says, and what the manifest should record about it.
 
     `bits_per_op` (mixed only) maps Core ML const op names to bit widths; `weight_op_names` turns the sensitivity
-    scan's module names into them."""
+    scan's module names into them. `jobs`: k-means worker processes (default `kmeans_workers()`); the package's
+    bytes do not depend on it."""
     import coremltools.optimize.coreml as cto
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
@@ -349,9 +401,10 @@ def compress_mlmodel(
         raise VoxtralError(f"recipe '{recipe.name}': no weight has more than weight_threshold {threshold} elements")
     bits = _bits_per_weight(recipe, weights, bits_per_op)
     # No global config: only the listed weights are touched (the positions table is a big const too).
-    config = cto.OptimizationConfig(op_name_configs={name: _op_config(recipe, bits[name]) for name in weights})
+    jobs = jobs or kmeans_workers()
+    config = cto.OptimizationConfig(op_name_configs={name: _op_config(recipe, bits[name], jobs) for name in weights})
     graph_pass = "linear_quantize_weights" if recipe.kind == "linear" else "palettize_weights"
-    with deterministic_kmeans():
+    with kmeans_pool(jobs):
         compressed = _run_pass(mlmodel, PASS_REGISTRY[f"compression::{graph_pass}"], config)
     left = program_weights(compressed, threshold)
     if left:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,15 +18,20 @@ from voxtral_coreml.check.backends import run_mil
 from voxtral_coreml.encoders.dims import WEIGHTS_FILE
 from voxtral_coreml.encoders.model import VoxtralEncoderANE, build_ane_encoder
 from voxtral_coreml.export.compress import (
+    clustering_ahead,
     compress_mlmodel,
     compressible_weights,
     decompress_mlmodel,
+    deterministic_kmeans,
+    module_lut_groups,
     palettized,
+    program_lut_groups,
     program_weights,
     stored_tensor_sizes,
     weight_op_names,
 )
 from voxtral_coreml.export.convert import convert_package, convert_to_mlprogram
+from voxtral_coreml.export.kmeans import group_key
 from voxtral_coreml.export.package_info import SPEC_VERSION, package_structure
 from voxtral_coreml.export.recipes import Recipe
 from voxtral_coreml.export.sensitivity import (
@@ -88,10 +94,12 @@ def sensitivity(extracted: Path) -> dict:
 
 
 def compress(name: str, programs: dict, demo_model: torch.nn.Module, sensitivity: dict, jobs: int | None = None):
+    """With `jobs` > 1, as a conversion does: k-means starts on the module's weights in the background."""
     r = recipe(name)
     program = programs[r.min_target]
     bits = program_bits(sensitivity, r, program, demo_model) if r.kind == "mixed" else None
-    return compress_mlmodel(program, r, bits, jobs)
+    with clustering_ahead(demo_model, r, jobs) as ahead:
+        return compress_mlmodel(program, r, bits, jobs, ahead)
 
 
 def saved(mlmodel, path: Path) -> Path:
@@ -242,6 +250,40 @@ def test_kmeans_compression_is_byte_identical(
     first = saved(compress(name, programs, demo_model, sensitivity, jobs=1)[0], tmp_path / "a.mlpackage")
     second = saved(compress(name, programs, demo_model, sensitivity, jobs=2)[0], tmp_path / "b.mlpackage")
     assert (first / WEIGHT_BLOB).read_bytes() == (second / WEIGHT_BLOB).read_bytes()
+
+
+def test_luts_clustered_ahead_are_coremltools_own_kmeans(programs: dict, caplog: pytest.LogCaptureFixture) -> None:
+    from coremltools.optimize.coreml._quantization_passes import palettize_weights
+
+    # Worker processes cluster every LUT group before the pass (a per-tensor LUT is one group): the pass finds all.
+    with caplog.at_level(logging.INFO, logger="voxtral_coreml.export.compress"):
+        compressed, _ = compress_mlmodel(programs["iOS18"], recipe("pal4g"), jobs=2)
+    assert "k-means: 0 LUT groups clustered by the pass itself" in caplog.text
+    # ...and they are the LUTs coremltools' "kmeans" mode computes for each weight, groups of 16 output channels.
+    with deterministic_kmeans():
+        expected = {
+            palettize_weights.decompress(
+                palettize_weights.blockwise_compress(w, "KMEANS", 4, [16] + [0] * (w.ndim - 1))
+            ).tobytes()
+            for w in program_weights(programs["iOS18"], 2048).values()
+        }
+    decoded = {w.tobytes() for w in program_weights(decompress_mlmodel(compressed), 2048).values()}
+    assert decoded == expected and len(expected) > 4
+
+
+def test_the_modules_lut_groups_are_the_programs(programs: dict, demo_model: VoxtralEncoderANE) -> None:
+    import coremltools.optimize.coreml as cto
+
+    # What LutsAhead clusters while the module converts is what the pass will ask for, byte for byte, except for the
+    # weights the converter itself rewrote (q_proj's, the 1/sqrt(head_dim) scale fused in: consts not named `p_*`).
+    r = recipe("pal4g")
+    config = cto.OpPalettizerConfig(mode="kmeans", **r.params)
+    module = {group_key(*group) for group in module_lut_groups(demo_model, r)}
+    known: dict[bool, set[bool]] = {True: set(), False: set()}  # module parameter or not -> groups found or not
+    for name in program_weights(programs["iOS18"], 2048):
+        groups = program_lut_groups(programs["iOS18"], {name: config})
+        known[name.startswith("p_")] |= {group_key(*group) in module for group in groups}
+    assert known == {True: {True}, False: {False}}
 
 
 def test_op_names_map_module_weights_onto_program_consts(programs: dict, demo_model: VoxtralEncoderANE) -> None:

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
-import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.pool import Pool
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +24,7 @@ import torch
 
 from voxtral_coreml.pipeline.errors import VoxtralError
 
+from .kmeans import KmeansLuts, LutsAhead, cluster_luts, kmeans_workers, lut_groups
 from .mil_passes import pass_pipeline
 from .package_info import SPEC_VERSION
 
@@ -255,63 +253,60 @@ def weight_op_names(mlmodel: MLModel, model: torch.nn.Module, weight_threshold: 
     return names
 
 
-def kmeans_workers() -> int:
-    """The CPUs this process may use: k-means worker processes when a caller names no number."""
-    return len(os.sched_getaffinity(0))
+def program_lut_groups(mlmodel: MLModel, configs: dict[str, Any]) -> list[tuple[np.ndarray, int]]:
+    """(values, nbits) of each LUT group of the weights `configs` (const op name -> k-means OpPalettizerConfig)
+    names, with the block sizes coremltools' pass infers for each."""
+    from coremltools.optimize._utils import infer_block_sizes
+
+    groups = []
+    for op in mlmodel._mil_program.functions["main"].operations:
+        if op.name in configs:
+            values = op.outputs[0].val
+            block_sizes, axis = infer_block_sizes(op, configs[op.name], values, return_channel_axis=True)
+            if block_sizes is not None:
+                groups += [(group, configs[op.name].nbits) for group in lut_groups(values, block_sizes, axis)]
+    return groups
 
 
-class _SharedPool:
-    """coremltools' palettize pass keeps one pool on its class and closes it whenever a pass object is collected,
-    without forgetting it: the next pass would find it closed. This view ignores that close; `kmeans_pool` ends it."""
-
-    def __init__(self, pool: Pool) -> None:
-        self._pool = pool
-
-    def starmap(self, function: Callable, arguments: Iterable) -> list:
-        return self._pool.starmap(function, arguments)
-
-    def close(self) -> None:
-        pass
-
-
-def _one_thread() -> None:
-    """A k-means worker's start: one thread for its whole life (see `deterministic_kmeans`)."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1)
+def module_lut_groups(model: torch.nn.Module, recipe: Recipe) -> list[tuple[np.ndarray, int]]:
+    """(values, nbits) of the LUT groups a `palettize` recipe will cluster, from the module's weights as the program
+    stores them (fp16, output channels first); other kinds: none."""
+    if recipe.kind != "palettize":
+        return []
+    p = recipe.params
+    group = {"per_tensor": 0, "per_channel": 1}.get(p["granularity"], p.get("group_size", 0))
+    groups = []
+    for weight in compressible_weights(model, p["weight_threshold"]).values():
+        values = weight.detach().to(torch.float16).numpy()
+        groups += [(g, p["nbits"]) for g in lut_groups(values, [group] + [0] * (values.ndim - 1), 0)]
+    return groups
 
 
 @contextmanager
-def kmeans_pool(jobs: int) -> Iterator[None]:
-    """`jobs` k-means processes for the palettize pass while the context lasts (none for one job), each clustering
-    one LUT group at a time on one thread: the LUTs do not depend on `jobs`. They come from a fork server (this
-    module and coremltools' preloaded), never forked from this process, whose threads (torch's, tqdm's) may hold
-    locks."""
-    from coremltools.optimize.coreml._quantization_passes import palettize_weights
-
-    with deterministic_kmeans():
-        if jobs <= 1:
-            yield
-            return
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__, palettize_weights.__module__])
-        with context.Pool(jobs, initializer=_one_thread) as pool:
-            palettize_weights._compress_pool = _SharedPool(pool)
-            try:
-                yield
-            finally:
-                palettize_weights._compress_pool = None
+def clustering_ahead(model: torch.nn.Module, recipe: Recipe, jobs: int | None = None) -> Iterator[LutsAhead]:
+    """Clusters the module's LUT groups in the background while the caller converts it (`compress_mlmodel`'s
+    `ahead`), on the CPUs the conversion leaves (one less than `jobs`)."""
+    with LutsAhead(module_lut_groups(model, recipe), (jobs or kmeans_workers()) - 1) as ahead:
+        yield ahead
 
 
-def _op_config(recipe: Recipe, nbits: int, jobs: int):
+def _palettizer_fields(recipe: Recipe, nbits: int) -> dict[str, Any]:
+    if recipe.kind == "mixed":
+        return {"weight_threshold": recipe.params["weight_threshold"], "granularity": "per_tensor", "nbits": nbits}
+    return {**recipe.params, "nbits": nbits}
+
+
+def _op_config(recipe: Recipe, nbits: int, luts: KmeansLuts | None = None):
+    """The op's coremltools config. k-means: "kmeans" mode, or "custom" mode handing over the LUTs `cluster_luts`
+    computed (the same LUTs)."""
     import coremltools.optimize.coreml as cto
 
-    params = dict(recipe.params)
     if recipe.kind == "linear":
-        return cto.OpLinearQuantizerConfig(**params)
-    if recipe.kind == "mixed":
-        params = {"weight_threshold": params["weight_threshold"], "granularity": "per_tensor", "nbits": nbits}
-    return cto.OpPalettizerConfig(mode="kmeans", num_kmeans_workers=jobs, **params)
+        return cto.OpLinearQuantizerConfig(**recipe.params)
+    fields = _palettizer_fields(recipe, nbits)
+    if luts is None:
+        return cto.OpPalettizerConfig(mode="kmeans", **fields)
+    return cto.OpPalettizerConfig(mode="custom", lut_function=luts.lut_function(fields.pop("nbits")), **fields)
 
 
 def _bits_per_weight(recipe: Recipe, weights: dict[str, np.ndarray], bits_per_op: dict[str, int] | None):
@@ -372,13 +367,17 @@ def decompress_mlmodel(mlmodel: MLModel) -> MLModel:
 
 
 def compress_mlmodel(
-    mlmodel: MLModel, recipe: Recipe, bits_per_op: dict[str, int] | None = None, jobs: int | None = None
+    mlmodel: MLModel,
+    recipe: Recipe,
+    bits_per_op: dict[str, int] | None = None,
+    jobs: int | None = None,
+    ahead: LutsAhead | None = None,
 ) -> tuple[MLModel, dict[str, Any]]:
     """The program compressed as `recipe` says, and what the manifest should record about it.
 
     `bits_per_op` (mixed only) maps Core ML const op names to bit widths; `weight_op_names` turns the sensitivity
-    scan's module names into them. `jobs`: k-means worker processes (default `kmeans_workers()`); the package's
-    bytes do not depend on it."""
+    scan's module names into them. `jobs`: k-means worker processes (default `kmeans_workers()`); `ahead`: LUTs
+    clustered while the program was converted (`clustering_ahead`). The package's bytes depend on neither."""
     import coremltools.optimize.coreml as cto
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
@@ -400,12 +399,19 @@ def compress_mlmodel(
     if not weights:
         raise VoxtralError(f"recipe '{recipe.name}': no weight has more than weight_threshold {threshold} elements")
     bits = _bits_per_weight(recipe, weights, bits_per_op)
+    configs = {name: _op_config(recipe, bits[name]) for name in weights}
+    if recipe.kind != "linear":
+        known = ahead.collect() if ahead is not None else {}
+        luts = cluster_luts(program_lut_groups(mlmodel, configs), jobs or kmeans_workers(), known)
+        configs = {name: _op_config(recipe, bits[name], luts) for name in weights}
     # No global config: only the listed weights are touched (the positions table is a big const too).
-    jobs = jobs or kmeans_workers()
-    config = cto.OptimizationConfig(op_name_configs={name: _op_config(recipe, bits[name], jobs) for name in weights})
     graph_pass = "linear_quantize_weights" if recipe.kind == "linear" else "palettize_weights"
-    with kmeans_pool(jobs):
-        compressed = _run_pass(mlmodel, PASS_REGISTRY[f"compression::{graph_pass}"], config)
+    with deterministic_kmeans():
+        compressed = _run_pass(
+            mlmodel, PASS_REGISTRY[f"compression::{graph_pass}"], cto.OptimizationConfig(op_name_configs=configs)
+        )
+    if recipe.kind != "linear":
+        log.info("k-means: %d LUT groups clustered by the pass itself (not ahead)", luts.missed)
     left = program_weights(compressed, threshold)
     if left:
         # coremltools skips a weight it cannot split (a group or block size that does not divide it) with a warning.

@@ -27,7 +27,7 @@ from voxtral_coreml.pipeline.paths import MANIFEST
 from voxtral_coreml.sources.extract import load_extracted
 
 from .canonical import canonicalize_package
-from .compress import compress_mlmodel
+from .compress import clustering_ahead, compress_mlmodel
 from .mil_passes import pass_pipeline
 from .package_info import ane_report
 from .recipes import TARGETS, Recipe
@@ -188,13 +188,13 @@ def convert_package(
     if calibrated is not None:
         apply_compressed(model, calibrated)  # ct.convert emits the compressed ops from the metadata
     log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
-    with coremltools_writes(package):
+    with coremltools_writes(package), clustering_ahead(model, recipe) as ahead:
         mlmodel = convert_to_mlprogram(model, recipe.min_target)
         if calibrated is not None:
             compression = torch_compression_info(model, recipe, calibrated)
         else:
             bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
-            mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
+            mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits, ahead=ahead)
         del model, weights
     mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
     mlmodel.version = __version__

@@ -3,6 +3,7 @@ own streaming (validate), into artifacts/streaming/ with DVC metrics (params: pi
 
 from voxtral_coreml.encoders.families import family_of_extracted
 from voxtral_coreml.encoders.realtime.stream import validate_streaming
+from voxtral_coreml.export.calibration import cached_inputs
 from voxtral_coreml.export.recipes import Recipe
 from voxtral_coreml.pipeline.atomic import atomic_path, write_json_atomic
 from voxtral_coreml.pipeline.params import load_params, lookup
@@ -22,6 +23,7 @@ def main() -> None:
         family.convert_package(
             extracted_dir(args.model), package, recipe, model_name=args.model,
             attention=build["attention"], query_chunk=build["query_chunk"], streaming=streaming,
+            **cached_inputs(args.model, recipe),
         )  # fmt: skip
         metrics = validate_streaming(
             staging, extracted_dir(args.model), float(lookup(params, f"recipes.{args.recipe}.psnr_gate_db")),

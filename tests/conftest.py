@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import yaml
 from hub_server import HubServer
 from huggingface_hub import constants
 
 from voxtral_coreml.encoders.dims import EncoderDims
+from voxtral_coreml.export.recipes import Recipe
 from voxtral_coreml.features.logmel import SAMPLE_RATE, builtin_speech_clip, load_audio
 from voxtral_coreml.pipeline.conf import build_settings
 from voxtral_coreml.sources.extract import extract_audio_tower
@@ -32,6 +34,22 @@ DEMO_DIMS = EncoderDims(d_model=64, n_layers=2, n_heads=4, ffn_dim=256, hidden_s
 DEMO_LM = LanguageModelShape(layers=2, intermediate=256, vocab=1000, shards=3)
 # conf/conversion.yaml's build settings: what the pipeline and the CLI convert with.
 BUILD = {key: build_settings()[key] for key in ("attention", "query_chunk")}
+RECIPE_CONFIGS = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((REPO / "conf" / "recipe").glob("*.yaml"))}
+TINY_CALIBRATION = {"clips": 1, "seconds": 2, "first": 100, "device": "cpu"}  # one window: cheap, still real speech
+DEMO_PROMOTE_SHARE = 0.1  # 2% of a demo model's parameters is less than one of its 64 x 64 weights
+
+
+def demo_recipe(name: str, **overrides: object) -> Recipe:
+    """conf/recipe/<name>.yaml for demo dimensions: a data-aware recipe calibrates on TINY_CALIBRATION and promotes
+    DEMO_PROMOTE_SHARE, unless `overrides` say otherwise."""
+    cfg = {**RECIPE_CONFIGS[name], **overrides}
+    if "calibration" in cfg and "calibration" not in overrides:
+        cfg["calibration"] = TINY_CALIBRATION
+    if cfg.get("promote") and "promote" not in overrides:
+        cfg["promote"] = {**cfg["promote"], "share": DEMO_PROMOTE_SHARE}
+    return Recipe.from_config(name, cfg)
+
+
 # No test can reach the real Hub: unless a test points the client at tests/hub_server.py (the `hub` fixture), it
 # gets a refused connection (the discard port on this machine), in this process and in every subprocess.
 UNREACHABLE_HUB = "http://127.0.0.1:9"

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import BUILD, REPO, tree_digests
+from conftest import BUILD, DEMO_PROMOTE_SHARE, RECIPE_CONFIGS, TINY_CALIBRATION, demo_recipe, tree_digests
 from voxtral_coreml.check.backends import run_mil
 from voxtral_coreml.encoders.model import build_ane_encoder
 from voxtral_coreml.export.calibration import calibrate
 from voxtral_coreml.export.convert import convert_package
 from voxtral_coreml.export.package_info import package_structure
-from voxtral_coreml.export.recipes import Recipe
 from voxtral_coreml.export.torch_compress import (
     TORCH_KINDS,
     apply_compressed,
@@ -28,10 +26,6 @@ from voxtral_coreml.numerics.metrics import psnr_db
 from voxtral_coreml.pipeline.errors import VoxtralError
 from voxtral_coreml.sources.extract import load_extracted
 
-CONFIGS = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((REPO / "conf" / "recipe").glob("*.yaml"))}
-TORCH_RECIPES = sorted(name for name, cfg in CONFIGS.items() if cfg["kind"] in TORCH_KINDS)
-TINY_CALIBRATION = {"clips": 1, "seconds": 2, "first": 100, "device": "cpu"}  # one window: cheap, still real speech
-DEMO_PROMOTE_SHARE = 0.1  # 2% of the demo model's parameters is less than one of its 64 x 64 weights
 # One recipe per kind is built here (each costs two calibrations and two conversions); every recipe of conf/recipe/
 # is measured on trained weights by benchmarks/trained.py. The constexpr ops its weights become (per-channel scales
 # on a LUT add a blockwise op per weight), and its floor vs the fp32 module on demo (random) weights: far above what
@@ -43,18 +37,10 @@ BUILT = {
 }
 
 
-def recipe(name: str, **overrides: object) -> Recipe:
-    cfg = {**CONFIGS[name], **overrides}
-    if "calibration" in cfg and "calibration" not in overrides:
-        cfg["calibration"] = TINY_CALIBRATION
-    if cfg.get("promote") and "promote" not in overrides:
-        cfg["promote"] = {**cfg["promote"], "share": DEMO_PROMOTE_SHARE}
-    return Recipe.from_config(name, cfg)
-
-
 def test_one_recipe_of_each_kind_is_built_and_every_recipe_is_valid() -> None:
-    assert sorted(CONFIGS[name]["kind"] for name in BUILT) == sorted(TORCH_KINDS)
-    assert all(recipe(name).kind in TORCH_KINDS for name in TORCH_RECIPES)  # each parses: keys, values, target
+    assert sorted(RECIPE_CONFIGS[name]["kind"] for name in BUILT) == sorted(TORCH_KINDS)
+    torch_recipes = [name for name, cfg in RECIPE_CONFIGS.items() if cfg["kind"] in TORCH_KINDS]
+    assert all(demo_recipe(name).kind in TORCH_KINDS for name in torch_recipes)  # each parses: keys, values, target
 
 
 @pytest.fixture(scope="module", params=sorted(BUILT))
@@ -63,7 +49,7 @@ def built(request: pytest.FixtureRequest, extracted: Path, tmp_path_factory: pyt
     name, root = request.param, tmp_path_factory.mktemp(request.param)
     states = []
     for i in range(2):
-        state, info = calibrate(extracted, recipe(name), jobs=2 if i else 1)  # k-means workers: same result
+        state, info = calibrate(extracted, demo_recipe(name), jobs=2 if i else 1)  # k-means workers: same result
         save_calibration(root / f"calibration{i}.safetensors", state, info)
         states.append(load_calibration(root / f"calibration{i}.safetensors"))
     packages = []
@@ -71,7 +57,7 @@ def built(request: pytest.FixtureRequest, extracted: Path, tmp_path_factory: pyt
         folder = root / f"package{i}"
         package = folder / "VoxtralEncoderMini.mlpackage"
         convert_package(
-            extracted, package, recipe(name), model_name="demo", variant="Mini", calibrated=states[0], **BUILD
+            extracted, package, demo_recipe(name), model_name="demo", variant="Mini", calibrated=states[0], **BUILD
         )
         packages.append(folder)
     return {"name": name, "states": states, "packages": packages, "info": info}
@@ -106,7 +92,7 @@ def test_manifest_records_bits_and_calibration_info(built: dict) -> None:
     import json
 
     manifest = json.loads((built["packages"][0] / "manifest.json").read_text())
-    r = recipe(built["name"])
+    r = demo_recipe(built["name"])
     bits = r.params.get("n_bits") or int(r.params["weight_dtype"].removeprefix("uint"))
     promote = r.params.get("promote")
     recorded = manifest["compression"]["bits_per_op"]
@@ -135,14 +121,14 @@ def test_manifest_records_bits_and_calibration_info(built: dict) -> None:
 )
 def test_bad_torch_recipe_is_one_line_naming_recipe_and_key(name: str, overrides: dict, message: str) -> None:
     with pytest.raises(VoxtralError, match=message) as err:
-        recipe(name, **overrides)
+        demo_recipe(name, **overrides)
     assert "\n" not in str(err.value)
 
 
 def test_torch_recipe_needs_its_calibration(extracted: Path, tmp_path: Path) -> None:
     with pytest.raises(VoxtralError, match=r"recipe 'gptq4': compressed weights are for"):
         convert_package(
-            extracted, tmp_path / "x.mlpackage", recipe("gptq4"), model_name="demo", variant="Mini", **BUILD
+            extracted, tmp_path / "x.mlpackage", demo_recipe("gptq4"), model_name="demo", variant="Mini", **BUILD
         )
     assert not (tmp_path / "x.mlpackage").exists()
 
@@ -151,7 +137,7 @@ def test_unavailable_calibration_device_is_named(extracted: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")  # the message is about a missing accelerator
     with pytest.raises(VoxtralError, match=r"calibration.device 'cuda' is not available on this machine"):
-        calibrate(extracted, recipe("gptq4", calibration={**TINY_CALIBRATION, "device": "cuda"}))
+        calibrate(extracted, demo_recipe("gptq4", calibration={**TINY_CALIBRATION, "device": "cuda"}))
 
 
 def test_promotion_takes_the_most_noise_per_parameter_within_its_share() -> None:
@@ -169,7 +155,7 @@ def test_promoting_the_damaging_weights_lowers_the_output_error(extracted: Path)
         expected = build_ane_encoder(weights, dims, "fused_heads")(mel)
     psnr = {}
     for promote in (None, {"n_bits": 8, "share": DEMO_PROMOTE_SHARE}):
-        state, _ = calibrate(extracted, recipe("skm6g", promote=promote))
+        state, _ = calibrate(extracted, demo_recipe("skm6g", promote=promote))
         model = build_ane_encoder(weights, dims, "fused_heads")
         apply_compressed(model, state)
         with torch.inference_mode():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import VoxtralRealtimeForConditionalGeneration
 
-from conftest import BUILD, cli, speech, write_checkpoint, write_speech
+from conftest import BUILD, cli, demo_recipe, speech, tree_digests, write_checkpoint, write_speech
 from voxtral_coreml.check.milrun import load_package
 from voxtral_coreml.check.validate import find_package, validate_package
 from voxtral_coreml.encoders.families import family_module
@@ -23,7 +23,9 @@ from voxtral_coreml.encoders.realtime.model import build_offline_encoder, build_
 from voxtral_coreml.encoders.realtime.reference import RealtimeReference, reference_config
 from voxtral_coreml.encoders.realtime.rope import MAX_TOKENS, exact_angles, step_rope, step_tables
 from voxtral_coreml.encoders.realtime.stream import Streamer, check_streaming, stream_mel
+from voxtral_coreml.export.package_info import package_structure
 from voxtral_coreml.export.recipes import Recipe
+from voxtral_coreml.export.torch_compress import apply_compressed
 from voxtral_coreml.numerics.metrics import compare_embeddings, psnr_db
 from voxtral_coreml.pipeline.errors import VoxtralError
 from voxtral_coreml.sources.extract import extract_audio_tower, load_extracted
@@ -284,18 +286,89 @@ def test_restarted_state_matches_a_fresh_package(rt_packages) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first, new, strict=True))
 
 
-def test_data_aware_recipes_are_refused_for_realtime(rt_extracted: Path, tmp_path: Path) -> None:
-    import yaml
+# Data-aware recipes (coremltools.optimize.torch) on the offline module: one per calibrating kind. The step shares the
+# module's weights, so one calibration serves the offline window and every streaming form.
+CALIBRATED = {  # recipe -> the constexpr ops its weights become
+    "gptq4": {"constexpr_blockwise_shift_scale"},
+    "skm6g": {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"},
+}
+STATEFUL_1 = {"form": "stateful", "tokens_per_step": 1}
 
-    from conftest import REPO
 
-    recipe = Recipe.from_config("gptq4", yaml.safe_load((REPO / "conf/recipe/gptq4.yaml").read_text()))
+def test_offline_stages_run_the_offline_forward(rt_extracted: Path) -> None:
+    from voxtral_coreml.encoders.realtime.calibration import offline_stages
+
+    weights, dims, _ = load_extracted(rt_extracted)
+    model, mel = build_offline_encoder(weights, dims), speech_window(dims.mel_frames)
+    with torch.inference_mode():
+        assert torch.allclose(offline_stages(model)(mel), model(mel), atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=sorted(CALIBRATED))
+def rt_calibrated(request, rt_extracted: Path, tmp_path_factory) -> dict:
+    """A recipe calibrated twice (1 and 2 k-means workers), its offline package converted twice and its stateful
+    step once, all from the first calibration."""
+    name, root, family = request.param, tmp_path_factory.mktemp(f"rtc-{request.param}"), family_module("realtime")
+    recipe = demo_recipe(name)
+    states = [family.calibrate(rt_extracted, recipe, jobs=jobs)[0] for jobs in (1, 2)]
+    packages = {}
+    for label, streaming in (("offline", None), ("again", None), ("stateful-1", STATEFUL_1)):
+        package = root / label / family.package_name(None, streaming)
+        family.convert_package(
+            rt_extracted, package, recipe, model_name="demo-realtime", streaming=streaming, calibrated=states[0],
+            **BUILD,
+        )  # fmt: skip
+        packages[label] = package.parent
+    return {"recipe": recipe, "states": states, "packages": packages}
+
+
+def compressed_offline(rt_extracted: Path, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 module's, compressed module's) embeddings of the speech window."""
+    weights, dims, _ = load_extracted(rt_extracted)
+    mel, model = speech_window(dims.mel_frames), build_offline_encoder(weights, dims)
+    with torch.inference_mode():
+        expected = model(mel)
+        apply_compressed(model, state)
+        return expected, model(mel)
+
+
+def test_realtime_calibration_is_deterministic_and_packages_byte_identical(rt_calibrated: dict) -> None:
+    first, second = rt_calibrated["states"]
+    assert first.keys() == second.keys() and any("._COREML_/weight/" in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    packages = rt_calibrated["packages"]
+    assert tree_digests(packages["offline"]) == tree_digests(packages["again"])
+
+
+def test_calibrated_offline_package_holds_the_compressed_weights(rt_extracted: Path, rt_calibrated: dict) -> None:
+    recipe = rt_calibrated["recipe"]
+    package, manifest = find_package(rt_calibrated["packages"]["offline"])
+    ops = {k for k in package_structure(package)["ops"] if k.startswith("constexpr_")}
+    assert ops == CALIBRATED[recipe.name]
+    assert manifest["family"] == "realtime" and manifest["compression"]["kept_fp16"] == []
+    assert manifest["compression"]["average_bits"] < 8
+    expected, compressed = compressed_offline(rt_extracted, rt_calibrated["states"][0])
+    got = load_package(package).predict({"mel_spectrogram": speech_window(3000).numpy()})["audio_embeddings"]
+    got = torch.from_numpy(np.asarray(got)).reshape(expected.shape)
+    assert psnr_db(compressed, got) >= 60  # the package is the compressed module, to fp16 rounding
+    assert psnr_db(expected, got) >= recipe.psnr_gate_db  # and passes the recipe's gate
+
+
+def test_calibrated_step_streams_its_offline_window(rt_extracted: Path, rt_calibrated: dict) -> None:
+    package, manifest = find_package(rt_calibrated["packages"]["stateful-1"])
+    ops = {k for k in package_structure(package)["ops"] if k.startswith("constexpr_")}
+    assert ops == CALIBRATED[rt_calibrated["recipe"].name]
+    _, compressed = compressed_offline(rt_extracted, rt_calibrated["states"][0])
+    streamed = stream_mel(load_package(package), manifest["streaming"], speech_window(3000), str(package)).embeddings
+    assert psnr_db(compressed.reshape(streamed.shape), streamed) >= 60
+
+
+def test_data_aware_recipe_without_its_calibration_is_refused(rt_extracted: Path, tmp_path: Path) -> None:
     family = family_module("realtime")
-    message = r"recipe 'gptq4' \(gptq\): data-aware recipes are built for Voxtral 2507 only"
-    with pytest.raises(VoxtralError, match=message):
-        family.calibrate(rt_extracted, recipe)
-    with pytest.raises(VoxtralError, match=message):
-        family.convert_package(rt_extracted, tmp_path / "x.mlpackage", recipe, model_name="demo-realtime", **BUILD)
+    with pytest.raises(VoxtralError, match=r"recipe 'gptq4': compressed weights are for gptq, skm, ptp recipes only"):
+        family.convert_package(
+            rt_extracted, tmp_path / "x.mlpackage", demo_recipe("gptq4"), model_name="demo-realtime", **BUILD
+        )
     assert not (tmp_path / "x.mlpackage").exists()
 
 

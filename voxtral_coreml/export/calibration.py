@@ -1,10 +1,11 @@
 """Calibration for data-aware recipes (torch_compress.py): the data, the encoder as stages, the cached result.
 
 A recipe's `calibration` key: `clips` clips of `seconds` of espeak-ng speech (clip i in voice, rate and text number
-`first + i`: other clips than the tests measure on), each zero-padded into one 30 s window as at inference, so the
-statistics cover speech and the padded silence after it; `device` runs the passes (cpu, cuda, mps: an accelerator
-changes the rounding, so it is part of the recipe). The result (compressed weights and their metadata) is cached per
-model and recipe in a safetensors file, as the sensitivity scan is.
+`first + i`: other clips than the tests measure on), each zero-padded into one window as the family's package gets
+it at inference (2507: 30 s; Realtime: its offline window), so the statistics cover speech and the silence after
+it; `device` runs the passes (cpu, cuda, mps: an accelerator changes the rounding, so it is part of the recipe).
+The result (compressed weights and their metadata) is cached per model and recipe in a safetensors file, as the
+sensitivity scan is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import resource
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,12 +37,16 @@ def encoder_stages(model: VoxtralEncoderANE) -> nn.Sequential:
     return nn.Sequential(stem, *model.layers, head)
 
 
-def calibration_windows(settings: dict[str, Any], n_mels: int) -> list[torch.Tensor]:
-    """One [1, n_mels, 3000] window per clip: speech, then the zero padding inference gives it."""
+def calibration_clips(settings: dict[str, Any]) -> list[np.ndarray]:
+    """The recipe's `calibration` clips of espeak-ng speech (16 kHz samples)."""
     from voxtral_coreml.features.espeak import clips
 
-    audio = clips(settings["clips"], settings["seconds"], settings["first"])
-    return [log_mel_windows(clip, n_mels=n_mels)[:1] for clip in audio]
+    return clips(settings["clips"], settings["seconds"], settings["first"])
+
+
+def calibration_windows(settings: dict[str, Any], n_mels: int) -> list[torch.Tensor]:
+    """One [1, n_mels, 3000] window per clip: speech, then the zero padding inference gives it."""
+    return [log_mel_windows(clip, n_mels=n_mels)[:1] for clip in calibration_clips(settings)]
 
 
 def resolve_device(device: str) -> str:
@@ -51,16 +57,25 @@ def resolve_device(device: str) -> str:
 
 
 def calibrate(extracted_dir: str | os.PathLike[str], recipe: Recipe, jobs: int = 1) -> tuple[dict, dict[str, Any]]:
-    """(compressed state, how it was made) for a torch-compressed recipe, on the fp32 encoder."""
+    """(compressed state, how it was made) for a torch-compressed recipe, on the fp32 2507 encoder."""
     if recipe.kind not in TORCH_KINDS:
         raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) needs no calibration")
     weights, dims, _ = load_extracted(extracted_dir)
     model = build_ane_encoder(weights, dims, CALIBRATION_ATTENTION)
     settings = recipe.params.get("calibration")
+    windows = calibration_windows(settings, dims.n_mels) if recipe.kind in CALIBRATED_KINDS else []
+    return compress_calibrated(model, encoder_stages(model), recipe, windows, jobs)
+
+
+def compress_calibrated(
+    model: nn.Module, stages: nn.Sequential, recipe: Recipe, windows: list[torch.Tensor], jobs: int
+) -> tuple[dict, dict[str, Any]]:
+    """Any family's encoder (fp32), run as `stages`, compressed as `recipe` says on its calibration `windows`:
+    (compressed state, how it was made)."""
+    settings = recipe.params.get("calibration")
     device = resolve_device(settings["device"]) if settings else "cpu"
-    data = calibration_windows(settings, dims.n_mels) if recipe.kind in CALIBRATED_KINDS else []
     started = time.monotonic()
-    state = compress_module(model, encoder_stages(model), recipe.kind, recipe.params, data, device, jobs)
+    state = compress_module(model, stages, recipe.kind, recipe.params, windows, device, jobs)
     info = {
         "recipe": recipe.name,
         "kind": recipe.kind,
@@ -70,3 +85,17 @@ def calibrate(extracted_dir: str | os.PathLike[str], recipe: Recipe, jobs: int =
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     return state, info
+
+
+def cached_inputs(model: str, recipe: Recipe) -> dict[str, Any]:
+    """What the sensitivity stage cached for `model` and `recipe`, as every family's convert_package takes it: the
+    scan of a mixed recipe (`sensitivity`), the compressed weights of a data-aware one (`calibrated`)."""
+    from voxtral_coreml.pipeline.paths import calibration_file, sensitivity_file
+    from voxtral_coreml.sources.layouts import read_json
+
+    from .torch_compress import load_calibration
+
+    return {
+        "sensitivity": read_json(sensitivity_file(model, recipe.name)) if recipe.kind == "mixed" else None,
+        "calibrated": load_calibration(calibration_file(model, recipe.name)) if recipe.kind in TORCH_KINDS else None,
+    }

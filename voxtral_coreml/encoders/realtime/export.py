@@ -33,7 +33,7 @@ from voxtral_coreml.export.convert import (
 )
 from voxtral_coreml.export.mil_passes import pass_pipeline
 from voxtral_coreml.export.recipes import TARGETS, Recipe
-from voxtral_coreml.export.torch_compress import TORCH_KINDS
+from voxtral_coreml.export.torch_compress import TORCH_KINDS, apply_compressed, torch_compression_info
 from voxtral_coreml.features.logmel import HOP_LENGTH, SAMPLE_RATE
 from voxtral_coreml.pipeline.atomic import atomic_path
 from voxtral_coreml.pipeline.errors import VoxtralError
@@ -124,8 +124,17 @@ def _convert(module: nn.Module, example: tuple, inputs: list, outputs: list, tar
         )
 
 
-def to_mlprogram(weights, dims: RealtimeDims, target: str, streaming: dict | None, attention: str, query_chunk: int):
+def to_mlprogram(
+    weights, dims: RealtimeDims, target: str, streaming: dict | None, attention: str, query_chunk: int, calibrated=None
+):
+    """The offline window (streaming None) or the step as an mlprogram; `calibrated` (a data-aware recipe's
+    compressed weights and coremltools' metadata) is applied to the module first, so ct.convert emits its ops."""
     import coremltools as ct
+
+    def compressed(module: nn.Module) -> nn.Module:
+        if calibrated is not None:
+            apply_compressed(module, calibrated)
+        return module
 
     contract = io_contract(dims, {"streaming": streaming})
     tensor = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
@@ -138,17 +147,19 @@ def to_mlprogram(weights, dims: RealtimeDims, target: str, streaming: dict | Non
         for i in contract["inputs"]
     )
     if streaming is None:
-        return _convert(build_offline_encoder(weights, dims, attention, query_chunk), examples, inputs, outputs, target)
+        offline = compressed(build_offline_encoder(weights, dims, attention, query_chunk))
+        return _convert(offline, examples, inputs, outputs, target)
     if streaming["form"] == "multifunction":
         raise ValueError("a multifunction package is two programs: see save_multifunction_package")
-    step = build_step_encoder(weights, dims, streaming["tokens_per_step"], attention, query_chunk)
     if streaming["form"] == "explicit":
+        step = compressed(build_step_encoder(weights, dims, streaming["tokens_per_step"], attention, query_chunk))
         return _convert(step, examples, inputs, outputs, target)
     # coremltools 9 lifts the weights of a stateful program to fp32 whatever their dtype: give it fp32 (the fp16
     # compute precision stores them as fp16 all the same); the states stay fp16, as Core ML requires.
     step = build_step_encoder(
         {n: w.float() for n, w in weights.items()}, dims, streaming["tokens_per_step"], attention, query_chunk
     )
+    compressed(step)
     shapes = state_shapes(dims)
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes[n], dtype=np.float16), name=n) for n in STATE_NAMES]
     return _convert(StatefulStep(step), examples, inputs, outputs, target, states)
@@ -208,11 +219,6 @@ def feeding() -> dict[str, object]:
     }
 
 
-def refuse_data_aware(recipe: Recipe) -> None:
-    """Data-aware recipes (torch_compress.py) walk the 2507 encoder's stages; the Realtime encoder has none yet."""
-    raise VoxtralError(f"recipe '{recipe.name}' ({recipe.kind}): data-aware recipes are built for Voxtral 2507 only")
-
-
 def convert_package(
     extracted_dir: str | os.PathLike[str],
     package: str | os.PathLike[str],
@@ -228,7 +234,7 @@ def convert_package(
 ) -> dict:
     """Write the offline package (or, with `streaming` = {form, tokens_per_step}, the step) and its manifest.
 
-    `calibrated` (a data-aware recipe's weights) is refused: those recipes walk the 2507 encoder only."""
+    `calibrated`: a data-aware recipe's compressed weights (calibration.py), applied to every module converted."""
     from voxtral_coreml.export.sensitivity import program_bits
 
     started = time.monotonic()
@@ -237,23 +243,28 @@ def convert_package(
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
     if recipe.kind == "mixed" and sensitivity is None:
         raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
-    if calibrated is not None or recipe.kind in TORCH_KINDS:
-        refuse_data_aware(recipe)
+    if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
+        raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
     weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
     info = None if streaming is None else streaming_info(dims, streaming["form"], int(streaming["tokens_per_step"]))
     target = recipe.min_target if info is None else _later(recipe.min_target, FORMS[info["form"]])
     what = "offline window" if info is None else f"{info['form']} step, {info['tokens_per_step']} token(s)"
     log.info("converting %s (Realtime, %d layers, %s) with recipe %s", model_name, dims.n_layers, what, recipe.name)
 
+    def compressed(mlmodel):
+        """The program compressed as the recipe says (a data-aware recipe's ops are in it already) and how."""
+        if calibrated is not None:
+            return mlmodel, torch_compression_info(offline_module(), recipe, calibrated)
+        bits = program_bits(sensitivity, recipe, mlmodel, offline_module()) if recipe.kind == "mixed" else None
+        return compress_mlmodel(mlmodel, recipe, bits)
+
+    def offline_module():
+        return build_offline_encoder(weights, dims, attention, query_chunk)
+
     def program(streaming_form: dict | None):
-        mlmodel = to_mlprogram(weights, dims, target, streaming_form, attention, query_chunk)
-        if recipe.kind == "mixed":
-            bits = program_bits(
-                sensitivity, recipe, mlmodel, build_offline_encoder(weights, dims, attention, query_chunk)
-            )
-        else:
-            bits = None
-        mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits)
+        mlmodel, compression = compressed(
+            to_mlprogram(weights, dims, target, streaming_form, attention, query_chunk, calibrated)
+        )
         mlmodel.short_description = f"Voxtral Realtime audio encoder + projector, {what} ({recipe.name})"
         mlmodel.version = __version__
         return mlmodel, compression

@@ -170,11 +170,11 @@ class RealtimeEncoderANE(RealtimeBody):
         return window_mask(self.positions, self.positions, everyone, self.dims.sliding_window, dtype)
 
     def stages(self) -> list:
-        """stem, each layer, head as one-tensor functions: the sensitivity scan reruns from any of them."""
-        mask = self.causal_mask(self.conv1.weight.dtype)
+        """stem, each layer, head as one-tensor functions: the sensitivity scan and GPTQ rerun from any of them (the
+        mask is made where x is: calibration may move the module to an accelerator after this call)."""
 
         def run(layer):
-            return lambda x: layer(x, self.rope_cos, self.rope_sin, mask)[0]
+            return lambda x: layer(x, self.rope_cos, self.rope_sin, self.causal_mask(x.dtype))[0]
 
         return [self.offline_stem, *map(run, self.layers), self.head]
 

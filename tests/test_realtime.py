@@ -411,6 +411,28 @@ def test_cli_converts_and_encodes_a_transformers_checkpoint(transformers_checkpo
     assert wrong.returncode == 2 and "--stream needs a streaming package" in wrong.stderr
 
 
+def test_cli_calibrates_and_streams_a_data_aware_recipe(transformers_checkpoint, tmp_path: Path) -> None:
+    """convert --recipe gptq8 --streaming: the CLI calibrates the offline module (its recipe's speech) and the step
+    gets the compressed weights; streamed, it matches transformers within the recipe's gate."""
+    root, _ = transformers_checkpoint
+    clip = write_speech(tmp_path / "speech.wav", 12)
+    out = tmp_path / "gptq8"
+    streaming = ("--streaming", "stateful")
+    result = cli("convert", "--checkpoint", str(root), "--recipe", "gptq8", *streaming, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["name"] == "gptq8" and manifest["streaming"]["form"] == "stateful"
+    assert set(manifest["compression"]["bits_per_op"].values()) == {8}
+    streamed = cli("encode", str(clip), "--package", str(out), "--stream", "--out", str(tmp_path / "q.npy"))
+    assert streamed.returncode == 0, streamed.stderr
+    model = VoxtralRealtimeForConditionalGeneration.from_pretrained(root).eval()
+    audio = np.zeros(150 * 1280, dtype=np.float32)
+    audio[: 12 * 16000] = speech(12)
+    with torch.inference_mode():
+        expected = model.get_audio_features(realtime_log_mel(audio)[None]).pooler_output[0, :150]
+    assert psnr_db(expected, torch.from_numpy(np.load(tmp_path / "q.npy"))) >= demo_recipe("gptq8").psnr_gate_db
+
+
 def test_multifunction_package_holds_both_functions_with_weights_once(rt_packages) -> None:
     package, manifest = find_package(rt_packages["multifunction-1"])
     separate = sum(find_package(rt_packages[n])[1]["size_bytes"] for n in ("offline", "stateful-1"))

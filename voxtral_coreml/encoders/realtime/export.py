@@ -131,7 +131,7 @@ def to_mlprogram(
     compressed weights and coremltools' metadata) is applied to the module first, so ct.convert emits its ops."""
     import coremltools as ct
 
-    def compressed(module: nn.Module) -> nn.Module:
+    def with_calibration(module: nn.Module) -> nn.Module:
         if calibrated is not None:
             apply_compressed(module, calibrated)
         return module
@@ -147,19 +147,20 @@ def to_mlprogram(
         for i in contract["inputs"]
     )
     if streaming is None:
-        offline = compressed(build_offline_encoder(weights, dims, attention, query_chunk))
+        offline = with_calibration(build_offline_encoder(weights, dims, attention, query_chunk))
         return _convert(offline, examples, inputs, outputs, target)
     if streaming["form"] == "multifunction":
         raise ValueError("a multifunction package is two programs: see save_multifunction_package")
     if streaming["form"] == "explicit":
-        step = compressed(build_step_encoder(weights, dims, streaming["tokens_per_step"], attention, query_chunk))
+        step = with_calibration(build_step_encoder(weights, dims, streaming["tokens_per_step"], attention, query_chunk))
         return _convert(step, examples, inputs, outputs, target)
     # coremltools 9 lifts the weights of a stateful program to fp32 whatever their dtype: give it fp32 (the fp16
     # compute precision stores them as fp16 all the same); the states stay fp16, as Core ML requires.
-    step = build_step_encoder(
-        {n: w.float() for n, w in weights.items()}, dims, streaming["tokens_per_step"], attention, query_chunk
+    step = with_calibration(
+        build_step_encoder(
+            {n: w.float() for n, w in weights.items()}, dims, streaming["tokens_per_step"], attention, query_chunk
+        )
     )
-    compressed(step)
     shapes = state_shapes(dims)
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes[n], dtype=np.float16), name=n) for n in STATE_NAMES]
     return _convert(StatefulStep(step), examples, inputs, outputs, target, states)

@@ -387,17 +387,23 @@ def test_streaming_bad_input_is_one_clear_error(rt_packages, extracted) -> None:
 # The CLI on a checkpoint written by transformers -----------------------------------------------------------------
 
 
+def transformers_embeddings_of_12_s(root: Path) -> torch.Tensor:
+    """What `get_audio_features` of the checkpoint at root gives for speech(12): [150, H], one row per 80 ms (the clip
+    padded with zeros to 150 tokens, as `encode` pads it)."""
+    model = VoxtralRealtimeForConditionalGeneration.from_pretrained(root).eval()
+    audio = np.zeros(150 * 1280, dtype=np.float32)
+    audio[: 12 * 16000] = speech(12)
+    with torch.inference_mode():
+        return model.get_audio_features(realtime_log_mel(audio)[None]).pooler_output[0, :150]
+
+
 def test_cli_converts_and_encodes_a_transformers_checkpoint(transformers_checkpoint, tmp_path: Path) -> None:
     root, _ = transformers_checkpoint
     clip = write_speech(tmp_path / "speech.wav", 12)
     for out, extra in (("offline", []), ("stream", ["--streaming", "stateful", "--tokens-per-step", "4"])):
         result = cli("convert", "--checkpoint", str(root), "--recipe", "fp16", "--out", str(tmp_path / out), *extra)
         assert result.returncode == 0, result.stderr
-    model = VoxtralRealtimeForConditionalGeneration.from_pretrained(root).eval()
-    audio = np.zeros(150 * 1280, dtype=np.float32)
-    audio[: 12 * 16000] = speech(12)
-    with torch.inference_mode():
-        expected = model.get_audio_features(realtime_log_mel(audio)[None]).pooler_output[0, :150]
+    expected = transformers_embeddings_of_12_s(root)
     offline = cli("encode", str(clip), "--package", str(tmp_path / "offline"), "--out", str(tmp_path / "o.npy"))
     assert offline.returncode == 0, offline.stderr
     streamed = cli("encode", str(clip), "--package", str(tmp_path / "stream"), "--stream", "--tokens-per-step", "4",
@@ -425,11 +431,7 @@ def test_cli_calibrates_and_streams_a_data_aware_recipe(transformers_checkpoint,
     assert set(manifest["compression"]["bits_per_op"].values()) == {8}
     streamed = cli("encode", str(clip), "--package", str(out), "--stream", "--out", str(tmp_path / "q.npy"))
     assert streamed.returncode == 0, streamed.stderr
-    model = VoxtralRealtimeForConditionalGeneration.from_pretrained(root).eval()
-    audio = np.zeros(150 * 1280, dtype=np.float32)
-    audio[: 12 * 16000] = speech(12)
-    with torch.inference_mode():
-        expected = model.get_audio_features(realtime_log_mel(audio)[None]).pooler_output[0, :150]
+    expected = transformers_embeddings_of_12_s(root)
     assert psnr_db(expected, torch.from_numpy(np.load(tmp_path / "q.npy"))) >= demo_recipe("gptq8").psnr_gate_db
 
 

@@ -24,7 +24,7 @@ def main() -> None:
         family = family_of_extracted(extracted_dir(args.model))
         state, info = family.calibrate(extracted_dir(args.model), recipe, jobs=lookup(params, "sensitivity.jobs"))
         table = {"recipe": recipe.name, "kind": recipe.kind, "scan": "not needed", "calibration": "see .safetensors"}
-    elif recipe.kind != "mixed":
+    elif not recipe.needs_scan:
         table = {"recipe": recipe.name, "kind": recipe.kind, "scan": "not needed"}
     else:
         from voxtral_coreml.export.sensitivity import scan_sensitivity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from conftest import BUILD, REPO
 from voxtral_coreml.check.backends import run_mil
 from voxtral_coreml.encoders.dims import WEIGHTS_FILE
 from voxtral_coreml.encoders.model import VoxtralEncoderANE, build_ane_encoder
+from voxtral_coreml.export import kmeans
 from voxtral_coreml.export.compress import (
     clustering_ahead,
     compress_mlmodel,
@@ -86,6 +88,12 @@ def demo_model(extracted: Path) -> VoxtralEncoderANE:
 @pytest.fixture(scope="session")
 def programs(demo_model: VoxtralEncoderANE) -> dict[str, object]:
     return {target: convert_to_mlprogram(demo_model, target) for target in ("iOS16", "iOS18")}
+
+
+@pytest.fixture
+def workers_for_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes even for a demo model's few weights, which are otherwise clustered in the pass."""
+    monkeypatch.setattr(kmeans, "WORTH_WORKERS", 0)
 
 
 @pytest.fixture(scope="session")
@@ -244,7 +252,7 @@ def test_mixed_needs_bits_for_every_weight(programs: dict, demo_model: torch.nn.
 
 @pytest.mark.parametrize("name", ["pal4", "pal4g", "mixed"])
 def test_kmeans_compression_is_byte_identical(
-    name: str, programs: dict, demo_model: torch.nn.Module, sensitivity: dict, tmp_path: Path
+    name: str, programs: dict, demo_model: torch.nn.Module, sensitivity: dict, tmp_path: Path, workers_for_any_size
 ) -> None:
     # One k-means process, then two (coremltools' pool, one LUT group per task): the same bytes.
     first = saved(compress(name, programs, demo_model, sensitivity, jobs=1)[0], tmp_path / "a.mlpackage")
@@ -252,7 +260,9 @@ def test_kmeans_compression_is_byte_identical(
     assert (first / WEIGHT_BLOB).read_bytes() == (second / WEIGHT_BLOB).read_bytes()
 
 
-def test_luts_clustered_ahead_are_coremltools_own_kmeans(programs: dict, caplog: pytest.LogCaptureFixture) -> None:
+def test_luts_clustered_ahead_are_coremltools_own_kmeans(
+    programs: dict, caplog: pytest.LogCaptureFixture, workers_for_any_size
+) -> None:
     from coremltools.optimize.coreml._quantization_passes import palettize_weights
 
     # Worker processes cluster every LUT group before the pass (a per-tensor LUT is one group): the pass finds all.
@@ -269,6 +279,14 @@ def test_luts_clustered_ahead_are_coremltools_own_kmeans(programs: dict, caplog:
         }
     decoded = {w.tobytes() for w in program_weights(decompress_mlmodel(compressed), 2048).values()}
     assert decoded == expected and len(expected) > 4
+
+
+def test_small_work_is_clustered_by_the_pass_without_workers(programs: dict, caplog: pytest.LogCaptureFixture) -> None:
+    # A demo model's weights: starting worker processes would cost more than clustering them in the pass.
+    with caplog.at_level(logging.INFO, logger="voxtral_coreml.export"):
+        compress_mlmodel(programs["iOS18"], recipe("pal4g"), jobs=2)
+    assert "clustered in 2 processes" not in caplog.text
+    assert re.search(r"k-means: [1-9]\d* LUT groups clustered by the pass itself", caplog.text)
 
 
 def test_the_modules_lut_groups_are_the_programs(programs: dict, demo_model: VoxtralEncoderANE) -> None:

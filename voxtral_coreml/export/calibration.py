@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,14 @@ def calibration_clips(settings: dict[str, Any]) -> list[np.ndarray]:
     return clips(settings["clips"], settings["seconds"], settings["first"])
 
 
-def calibration_windows(settings: dict[str, Any], n_mels: int) -> list[torch.Tensor]:
-    """One [1, n_mels, 3000] window per clip: speech, then the zero padding inference gives it."""
-    return [log_mel_windows(clip, n_mels=n_mels)[:1] for clip in calibration_clips(settings)]
+def encoder_window(clip: np.ndarray, dims) -> torch.Tensor:
+    """[1, n_mels, 3000]: the clip as the 2507 package gets it, speech then zero padding to 30 s."""
+    return log_mel_windows(clip, n_mels=dims.n_mels)[:1]
+
+
+def encoder_and_stages(weights: dict[str, torch.Tensor], dims) -> tuple[nn.Module, nn.Sequential]:
+    model = build_ane_encoder(weights, dims, CALIBRATION_ATTENTION)
+    return model, encoder_stages(model)
 
 
 def resolve_device(device: str) -> str:
@@ -56,15 +62,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def calibrate(extracted_dir: str | os.PathLike[str], recipe: Recipe, jobs: int = 1) -> tuple[dict, dict[str, Any]]:
-    """(compressed state, how it was made) for a torch-compressed recipe, on the fp32 2507 encoder."""
+# A family's part of calibration: its fp32 module and that module's forward as stages, from the extracted weights
+# and dims; and one clip of speech as the window its offline package gets.
+ModuleAndStages = Callable[[dict[str, torch.Tensor], Any], tuple[nn.Module, nn.Sequential]]
+ClipWindow = Callable[[np.ndarray, Any], torch.Tensor]
+
+
+def calibrate(
+    extracted_dir: str | os.PathLike[str],
+    recipe: Recipe,
+    jobs: int = 1,
+    *,
+    module_and_stages: ModuleAndStages = encoder_and_stages,
+    window: ClipWindow = encoder_window,
+) -> tuple[dict, dict[str, Any]]:
+    """(compressed state, how it was made) for a torch-compressed recipe, on a family's fp32 module (by default the
+    2507 encoder; a family passes its own `module_and_stages` and `window`)."""
     if recipe.kind not in TORCH_KINDS:
         raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) needs no calibration")
     weights, dims, _ = load_extracted(extracted_dir)
-    model = build_ane_encoder(weights, dims, CALIBRATION_ATTENTION)
+    model, stages = module_and_stages(weights, dims)
     settings = recipe.params.get("calibration")
-    windows = calibration_windows(settings, dims.n_mels) if recipe.kind in CALIBRATED_KINDS else []
-    return compress_calibrated(model, encoder_stages(model), recipe, windows, jobs)
+    clips = calibration_clips(settings) if recipe.kind in CALIBRATED_KINDS else []
+    return compress_calibrated(model, stages, recipe, [window(clip, dims) for clip in clips], jobs)
 
 
 def compress_calibrated(
@@ -96,6 +116,6 @@ def cached_inputs(model: str, recipe: Recipe) -> dict[str, Any]:
     from .torch_compress import load_calibration
 
     return {
-        "sensitivity": read_json(sensitivity_file(model, recipe.name)) if recipe.kind == "mixed" else None,
+        "sensitivity": read_json(sensitivity_file(model, recipe.name)) if recipe.needs_scan else None,
         "calibrated": load_calibration(calibration_file(model, recipe.name)) if recipe.kind in TORCH_KINDS else None,
     }

@@ -291,7 +291,7 @@ def clustering_ahead(model: torch.nn.Module, recipe: Recipe, jobs: int | None = 
 
 
 def _palettizer_fields(recipe: Recipe, nbits: int) -> dict[str, Any]:
-    if recipe.kind == "mixed":
+    if recipe.needs_scan:
         return {"weight_threshold": recipe.params["weight_threshold"], "granularity": "per_tensor", "nbits": nbits}
     return {**recipe.params, "nbits": nbits}
 
@@ -310,7 +310,7 @@ def _op_config(recipe: Recipe, nbits: int, luts: KmeansLuts | None = None):
 
 
 def _bits_per_weight(recipe: Recipe, weights: dict[str, np.ndarray], bits_per_op: dict[str, int] | None):
-    if recipe.kind != "mixed":
+    if not recipe.needs_scan:
         if bits_per_op is not None:
             raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) takes no per-op bits")
         nbits = LINEAR_NBITS[recipe.params["dtype"]] if recipe.kind == "linear" else recipe.params["nbits"]

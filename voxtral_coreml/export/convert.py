@@ -176,7 +176,7 @@ def convert_package(
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
-    if recipe.kind == "mixed" and sensitivity is None:
+    if recipe.needs_scan and sensitivity is None:
         raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
     if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
         raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
@@ -193,7 +193,7 @@ def convert_package(
         if calibrated is not None:
             compression = torch_compression_info(model, recipe, calibrated)
         else:
-            bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.kind == "mixed" else None
+            bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.needs_scan else None
             mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits, ahead=ahead)
         del model, weights
     mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"

@@ -29,11 +29,18 @@ Group = tuple[np.ndarray, int]  # (values, nbits)
 Clustered = tuple[np.ndarray, np.ndarray]  # (lut, indices), as coremltools' "kmeans" mode returns them
 CHUNKS_PER_WORKER = 16  # groups go to the workers in chunks: this many chunks per worker
 AHEAD_CHUNKS = 256  # finer while converting: `collect` waits for the chunks already started, and cancels the rest
+# Below this many values in all, workers cost more than they save: a fork server that imports coremltools takes
+# ~4 s to start, the k-means of 1M fp16 values at 6 bits about as long on one thread. The pass clusters them.
+WORTH_WORKERS = 1_000_000
 
 
 def kmeans_workers() -> int:
     """The CPUs this process may use: k-means worker processes when a caller names no number."""
     return len(os.sched_getaffinity(0))
+
+
+def worth_workers(groups: list[Group]) -> bool:
+    return sum(values.size for values, _ in groups) >= WORTH_WORKERS
 
 
 def _one_thread() -> None:
@@ -111,7 +118,7 @@ class LutsAhead:
     _futures: list[Future] = field(default_factory=list, init=False)
 
     def __enter__(self) -> LutsAhead:
-        if self.jobs > 0 and self.groups:
+        if self.jobs > 0 and worth_workers(self.groups):
             self._pool = _pool(self.jobs)
             self._futures = [self._pool.submit(_cluster_keyed, chunk) for chunk in _chunks(self.groups, AHEAD_CHUNKS)]
         return self
@@ -131,10 +138,10 @@ class LutsAhead:
 
 
 def cluster_luts(groups: list[Group], jobs: int, known: dict[bytes, Clustered]) -> KmeansLuts:
-    """`known` and every group of `groups` not in it, clustered in `jobs` processes (none for one job: the pass
-    clusters them)."""
+    """`known` and every group of `groups` not in it, clustered in `jobs` processes (none for one job or too little
+    work: the pass clusters them)."""
     todo = [(values, nbits) for values, nbits in groups if group_key(values, nbits) not in known]
-    if jobs <= 1 or not todo:
+    if jobs <= 1 or not worth_workers(todo):
         return KmeansLuts(known)
     start = time.monotonic()
     with _pool(jobs) as pool:

@@ -27,6 +27,11 @@ class Recipe:
     psnr_gate_db: float
     params: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def needs_scan(self) -> bool:
+        """Whether it chooses each weight's bits from a sensitivity scan (export/sensitivity.py): `mixed` does."""
+        return self.kind == "mixed"
+
     @classmethod
     def from_config(cls, name: str, cfg: dict) -> Recipe:
         try:

@@ -144,7 +144,7 @@ def scan_sensitivity(
 ) -> dict:
     """The sensitivity table of every compressible weight at every candidate bit width of a `mixed` recipe, and the
     bits `choose_bits` picks for its target. JSON-ready and deterministic (no timings): a cacheable output."""
-    if recipe.kind != "mixed":
+    if not recipe.needs_scan:
         raise VoxtralError(f"recipe '{recipe.name}': the sensitivity scan is for mixed recipes, not {recipe.kind}")
     started = time.monotonic()
     settings = scan_settings(recipe)

@@ -164,7 +164,7 @@ def result_spec(job: SweepJob, weights_sha256: str) -> dict[str, Any]:
         "weights_sha256": weights_sha256,
         "recipe": dataclasses.asdict(job.recipe),
         "build": {"attention": job.build["attention"], "query_chunk": job.build["query_chunk"]},
-        "sensitivity": {"frames": job.sensitivity["frames"]} if job.recipe.kind == "mixed" else None,
+        "sensitivity": {"frames": job.sensitivity["frames"]} if job.recipe.needs_scan else None,
         "validation": {
             "audio": audio_id(job.validation["audio"]),
             "backend": resolve_backend(job.validation["backend"]),
@@ -192,7 +192,7 @@ def _convert_and_validate(job: SweepJob, spec: dict, key: str, extracted: Path, 
     started = time.time()
     log.info("building: %s (%s %s)", key, job.model, job.label)
     weights_sha256 = spec["weights_sha256"]
-    sensitivity = ensure_sensitivity(root, job, extracted, weights_sha256) if job.recipe.kind == "mixed" else None
+    sensitivity = ensure_sensitivity(root, job, extracted, weights_sha256) if job.recipe.needs_scan else None
     reference, parity = ensure_reference(root, job, extracted, weights_sha256)
     staging.mkdir()
     manifest = convert_package(

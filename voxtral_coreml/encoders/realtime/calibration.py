@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxtral_coreml.export.calibration import CALIBRATION_ATTENTION, calibration_clips, compress_calibrated
+from voxtral_coreml.export import calibration
+from voxtral_coreml.export.calibration import CALIBRATION_ATTENTION
 from voxtral_coreml.export.recipes import Recipe
-from voxtral_coreml.export.torch_compress import CALIBRATED_KINDS, TORCH_KINDS, Stage
+from voxtral_coreml.export.torch_compress import Stage
 from voxtral_coreml.features.logmel import HOP_LENGTH
-from voxtral_coreml.sources.extract import load_extracted
 
-from .dims import CONV1_CONTEXT, CONV2_CONTEXT
+from .dims import CONV1_CONTEXT, CONV2_CONTEXT, RealtimeDims
 from .features import realtime_log_mel
 from .model import RealtimeEncoderANE, build_offline_encoder
 
@@ -41,21 +41,21 @@ def offline_stages(model: RealtimeEncoderANE) -> nn.Sequential:
     )
 
 
-def offline_window(clip: np.ndarray, frames: int) -> torch.Tensor:
+def offline_window(clip: np.ndarray, dims: RealtimeDims) -> torch.Tensor:
     """[1, 128, frames]: the clip zero-padded (or cut) to the offline window, as encode_offline feeds a package."""
-    window = np.zeros(frames * HOP_LENGTH, dtype=np.float32)
+    window = np.zeros(dims.mel_frames * HOP_LENGTH, dtype=np.float32)
     kept = clip[: len(window)]
     window[: len(kept)] = kept
     return realtime_log_mel(window)[None]
 
 
+def offline_module_and_stages(weights: dict[str, torch.Tensor], dims: RealtimeDims) -> tuple[nn.Module, nn.Sequential]:
+    model = build_offline_encoder(weights, dims, CALIBRATION_ATTENTION)
+    return model, offline_stages(model)
+
+
 def calibrate(extracted_dir: str | os.PathLike[str], recipe: Recipe, jobs: int = 1) -> tuple[dict, dict[str, Any]]:
     """(compressed state, how it was made) for a torch-compressed recipe, on the fp32 offline module."""
-    if recipe.kind not in TORCH_KINDS:
-        raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) needs no calibration")
-    weights, dims, _ = load_extracted(extracted_dir)
-    model = build_offline_encoder(weights, dims, CALIBRATION_ATTENTION)
-    settings = recipe.params.get("calibration")
-    clips = calibration_clips(settings) if recipe.kind in CALIBRATED_KINDS else []
-    windows = [offline_window(clip, dims.mel_frames) for clip in clips]
-    return compress_calibrated(model, offline_stages(model), recipe, windows, jobs)
+    return calibration.calibrate(
+        extracted_dir, recipe, jobs, module_and_stages=offline_module_and_stages, window=offline_window
+    )

@@ -242,7 +242,7 @@ def convert_package(
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
-    if recipe.kind == "mixed" and sensitivity is None:
+    if recipe.needs_scan and sensitivity is None:
         raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
     if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
         raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
@@ -256,7 +256,7 @@ def convert_package(
         """The program compressed as the recipe says (a data-aware recipe's ops are in it already) and how."""
         if calibrated is not None:
             return mlmodel, torch_compression_info(offline_module(), recipe, calibrated)
-        bits = program_bits(sensitivity, recipe, mlmodel, offline_module()) if recipe.kind == "mixed" else None
+        bits = program_bits(sensitivity, recipe, mlmodel, offline_module()) if recipe.needs_scan else None
         return compress_mlmodel(mlmodel, recipe, bits)
 
     def offline_module():

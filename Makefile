@@ -26,8 +26,9 @@ demo: $(STAMP)
 	$(RUN) $(BIN)/dvc repro
 	@cat artifacts/report.md
 
+# Two workers (tests/conftest.py: the demo run's tests in one, the rest in the other, a file at a time).
 test: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q
+	$(RUN) $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # Recompose params.yaml from conf/ (the same composition `dvc exp run -S` does).
 params: $(STAMP)

@@ -61,6 +61,21 @@ PROJECT_FILES = ("conf", "stages", "voxtral_coreml", "dvc.yaml", "params.yaml", 
                  ".dvcignore", ".gitignore")  # fmt: skip
 
 
+DEMO_GROUP = "demo_repo"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs two workers (pytest-xdist, `--dist loadgroup`): one runs every test of the demo run (built
+    once, first, and used by one process at a time: DVC locks its repo), the other the rest, a file at a time, so a
+    file's own session fixtures are built once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    items.sort(key=lambda item: DEMO_GROUP not in item.fixturenames)  # stable: the demo's tests first
+    for item in items:
+        group = DEMO_GROUP if DEMO_GROUP in item.fixturenames else item.nodeid.partition("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def env_with_venv() -> dict[str, str]:
     """DVC stages call `python`: make it this interpreter. The package comes from this checkout, not from
     wherever the venv's editable install points (a scratch repo's own copy still wins: `python -m` puts the

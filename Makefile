@@ -26,9 +26,9 @@ demo: $(STAMP)
 	$(RUN) $(BIN)/dvc repro
 	@cat artifacts/report.md
 
-# Two workers (tests/conftest.py: the demo run's tests in one, the rest in the other, a file at a time).
+# Two workers (tests/worker_groups.py: the demo run's tests in one, the rest in the other, a file at a time).
 test: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(RUN) $(BIN)/python -m pytest -q -n 2
 
 # Recompose params.yaml from conf/ (the same composition `dvc exp run -S` does).
 params: $(STAMP)

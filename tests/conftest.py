@@ -18,6 +18,11 @@ import soundfile
 import yaml
 from hub_server import HubServer
 from huggingface_hub import constants
+from worker_groups import (  # noqa: F401  (pytest hooks: how `make test` splits the suite over two workers)
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_xdist_make_scheduler,
+)
 
 from voxtral_coreml.encoders.dims import EncoderDims
 from voxtral_coreml.export.recipes import Recipe
@@ -59,21 +64,6 @@ constants.HUGGINGFACE_CO_URL_TEMPLATE = UNREACHABLE_HUB + "/{repo_id}/resolve/{r
 # What a scratch copy of the project needs to run its pipeline.
 PROJECT_FILES = ("conf", "stages", "voxtral_coreml", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
                  ".dvcignore", ".gitignore")  # fmt: skip
-
-
-DEMO_GROUP = "demo_repo"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs two workers (pytest-xdist, `--dist loadgroup`): one runs every test of the demo run (built
-    once, first, and used by one process at a time: DVC locks its repo), the other the rest, a file at a time, so a
-    file's own session fixtures are built once."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    items.sort(key=lambda item: DEMO_GROUP not in item.fixturenames)  # stable: the demo's tests first
-    for item in items:
-        group = DEMO_GROUP if DEMO_GROUP in item.fixturenames else item.nodeid.partition("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def env_with_venv() -> dict[str, str]:

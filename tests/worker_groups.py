@@ -25,9 +25,13 @@ def group_of(item: pytest.Item) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The controller, before it starts the workers (they inherit its environment): where they write the groups."""
-    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+    """The controller, before it starts the workers (they and their subprocesses inherit its environment): where
+    they write the groups, and one OpenMP thread each, as torch's threads of one worker would take (and spin on) the
+    core the other worker runs on. Tests that measure thread counts set their own (test_determinism.py)."""
+    distributed = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
+    if distributed and not hasattr(config, "workerinput"):
         os.environ[GROUPS_FILE] = str(Path(tempfile.mkdtemp(prefix="xdist-groups-")) / "groups.json")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -106,7 +106,7 @@ def test_pull_in_a_fresh_clone_restores_every_artifact(demo_repo: Path, remote: 
     assert "Data and pipelines are up to date." in run([DVC, "status"], repo).stdout
 
 
-# `dvc repro --pull` reads dvc.lock per stage (105 s for the demo's 82 stages): on the default remote only. Which
+# `dvc repro --pull` rewrites dvc.lock per stage (80 s for the demo's 82 stages): on the default remote only. Which
 # remote it pulls from is `dvc pull`'s part, run above against both.
 def test_repro_pull_in_a_fresh_clone_runs_nothing(demo_repo: Path, local_remote: Remote, tmp_path: Path) -> None:
     repo = fresh_clone(demo_repo, tmp_path, local_remote)

@@ -21,6 +21,7 @@ from huggingface_hub import constants
 from worker_groups import (  # noqa: F401  (pytest hooks: how `make test` splits the suite over two workers)
     pytest_collection_modifyitems,
     pytest_configure,
+    pytest_unconfigure,
     pytest_xdist_make_scheduler,
 )
 

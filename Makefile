@@ -50,7 +50,7 @@ clean-artifacts:
 bench: $(STAMP)
 	$(RUN) $(BIN)/python -m benchmarks.run
 
-# Only Voxtral Realtime's figures, against synthetic-mini's fp16 conversion in the same run (about an hour on 2 cores):
+# Only Voxtral Realtime's figures, against synthetic-mini's fp16 conversion in the same run (about 20 min on 2 cores):
 # artifacts/bench/realtime.json and realtime.md.
 bench-realtime: $(STAMP)
 	$(RUN) $(BIN)/python -m benchmarks.run realtime

@@ -106,7 +106,7 @@ def compress(name: str, programs: dict, demo_model: torch.nn.Module, sensitivity
     r = recipe(name)
     program = programs[r.min_target]
     bits = program_bits(sensitivity, r, program, demo_model) if r.kind == "mixed" else None
-    with clustering_ahead(demo_model, r, jobs) as ahead:
+    with clustering_ahead(lambda: demo_model, r, jobs) as ahead:
         return compress_mlmodel(program, r, bits, jobs, ahead)
 
 
@@ -292,16 +292,16 @@ def test_small_work_is_clustered_by_the_pass_without_workers(programs: dict, cap
 def test_the_modules_lut_groups_are_the_programs(programs: dict, demo_model: VoxtralEncoderANE) -> None:
     import coremltools.optimize.coreml as cto
 
-    # What LutsAhead clusters while the module converts is what the pass will ask for, byte for byte, except for the
-    # weights the converter itself rewrote (q_proj's, the 1/sqrt(head_dim) scale fused in: consts not named `p_*`).
+    # What LutsAhead clusters while the module converts is what the pass will ask for, byte for byte: every weight
+    # of the program is a module parameter as it is (q's scale is in q_proj's weights already: no pass rewrites one).
     r = recipe("pal4g")
     config = cto.OpPalettizerConfig(mode="kmeans", **r.params)
-    module = {group_key(*group) for group in module_lut_groups(demo_model, r)}
+    module = {group_key(*group) for group in module_lut_groups(lambda: demo_model, r)}
     known: dict[bool, set[bool]] = {True: set(), False: set()}  # module parameter or not -> groups found or not
     for name in program_weights(programs["iOS18"], 2048):
         groups = program_lut_groups(programs["iOS18"], {name: config})
         known[name.startswith("p_")] |= {group_key(*group) in module for group in groups}
-    assert known == {True: {True}, False: {False}}
+    assert known == {True: {True}, False: set()}
 
 
 def test_op_names_map_module_weights_onto_program_consts(programs: dict, demo_model: VoxtralEncoderANE) -> None:
@@ -310,10 +310,7 @@ def test_op_names_map_module_weights_onto_program_consts(programs: dict, demo_mo
     assert sorted(names.values()) == sorted(consts)
     for op, const in names.items():
         weight = demo_model.get_parameter(f"{op}.weight").detach()
-        if op.endswith("q_proj"):  # conversion folded q's scale into the weight
-            weight = weight * demo_model.layers[0].self_attn.scale
         assert np.array_equal(consts[const], weight.half().numpy()), op
-    assert "q_proj" not in names["layers.0.self_attn.q_proj"]  # renamed by the fold: no name would find it
 
 
 def test_op_names_refuse_a_program_of_other_weights(programs: dict, demo_model: VoxtralEncoderANE) -> None:
@@ -329,10 +326,7 @@ def decompressed_module(compressed, model: VoxtralEncoderANE) -> VoxtralEncoderA
     values = program_weights(program, 2048)
     clone = copy.deepcopy(model).float()
     for op, const in weight_op_names(program, model, 2048).items():
-        weight = torch.from_numpy(values[const].astype(np.float32))
-        if op.endswith("q_proj"):
-            weight = weight / model.layers[0].self_attn.scale
-        clone.get_parameter(f"{op}.weight").data = weight
+        clone.get_parameter(f"{op}.weight").data = torch.from_numpy(values[const].astype(np.float32))
     return clone
 
 

@@ -68,13 +68,18 @@ def _channel_major(linear_1: torch.Tensor, d_model: int) -> torch.Tensor:
     return linear_1.reshape(linear_1.shape[0], d_model, 4).unsqueeze(2)
 
 
-def _unscaled_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.out_proj(self.core(self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+_ane_state_dict = model_module.ane_state_dict
+
+
+def _unscaled_q(weights: dict[str, torch.Tensor], dims) -> dict[str, torch.Tensor]:
+    """q_proj's weights without the 1/sqrt(head_dim) scale folded in."""
+    state = _ane_state_dict(weights, dims)
+    return {k: v / dims.head_dim**-0.5 if ".q_proj." in k else v for k, v in state.items()}
 
 
 MUTATIONS = {
     "channel-major frame grouping": ("projector_conv_weight", _channel_major),
-    "q not scaled": ("SelfAttention.forward", _unscaled_forward),
+    "q not scaled": ("ane_state_dict", _unscaled_q),
 }
 
 

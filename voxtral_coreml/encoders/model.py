@@ -63,12 +63,12 @@ class SelfAttention(nn.Module):
         self.k_proj = pointwise(d, d, bias=False)  # Whisper's k_proj has no bias
         self.v_proj = pointwise(d, d)
         self.out_proj = pointwise(d, d)
-        self.scale = dims.head_dim**-0.5
         self.core = core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x) * scalar_like(self.scale, x)  # scaled before QK, after the bias, as transformers does
-        return self.out_proj(self.core(q, self.k_proj(x), self.v_proj(x)))
+        # q_proj's weight and bias carry the 1/sqrt(head_dim) scale (ane_state_dict): transformers scales after the
+        # bias, and (W x + b) s = (s W) x + s b
+        return self.out_proj(self.core(self.q_proj(x), self.k_proj(x), self.v_proj(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -152,6 +152,8 @@ def ane_state_dict(weights: dict[str, torch.Tensor], dims: EncoderDims) -> dict[
         if name == POSITIONS_KEY:
             continue
         key = name.removeprefix("audio_tower.")
+        if ".q_proj." in name:
+            w = w * dims.head_dim**-0.5  # softmax(q k^T * scale): the scale folded into q's weights and bias
         if name == "multi_modal_projector.linear_1.weight":
             w = projector_conv_weight(w, dims.d_model)
         elif w.dim() == 2:  # Linear [out, in] -> 1x1 conv [out, in, 1, 1]

@@ -25,7 +25,7 @@ import torch
 from voxtral_coreml.pipeline.errors import VoxtralError
 
 from .kmeans import KmeansLuts, LutsAhead, cluster_luts, kmeans_workers, lut_groups
-from .mil_passes import pass_pipeline
+from .mil_passes import compressed_pipeline
 from .package_info import SPEC_VERSION
 
 if TYPE_CHECKING:
@@ -235,8 +235,8 @@ def _direction(values: np.ndarray) -> np.ndarray:
 def weight_op_names(mlmodel: MLModel, model: torch.nn.Module, weight_threshold: int) -> dict[str, str]:
     """Module name ("layers.0.fc1") -> the Core ML const op holding its weight, the key `op_name_configs` takes.
 
-    Matched by shape and direction, not by name: conversion folds q's scale into q_proj's weight and renames it
-    (`mul_3_weight_0_to_fp16`), and names follow torch.export's node numbering. Works on compressed programs
+    Matched by shape and direction, not by name: names follow torch.export's attribute paths, which differ between
+    a whole conversion (`p_layers_0_fc1_weight`) and a layered one's stages. Works on compressed programs
     once decompressed (`decompress_mlmodel`)."""
     consts = {name: (v.shape, _direction(v)) for name, v in program_weights(mlmodel, weight_threshold).items()}
     names: dict[str, str] = {}
@@ -268,25 +268,27 @@ def program_lut_groups(mlmodel: MLModel, configs: dict[str, Any]) -> list[tuple[
     return groups
 
 
-def module_lut_groups(model: torch.nn.Module, recipe: Recipe) -> list[tuple[np.ndarray, int]]:
-    """(values, nbits) of the LUT groups a `palettize` recipe will cluster, from the module's weights as the program
-    stores them (fp16, output channels first); other kinds: none."""
+def module_lut_groups(module: Callable[[], torch.nn.Module], recipe: Recipe) -> list[tuple[np.ndarray, int]]:
+    """(values, nbits) of the LUT groups a `palettize` recipe will cluster, from the weights of `module()` as the
+    program stores them (fp16, output channels first); other kinds: none (and the module is not asked for)."""
     if recipe.kind != "palettize":
         return []
     p = recipe.params
     group = {"per_tensor": 0, "per_channel": 1}.get(p["granularity"], p.get("group_size", 0))
     groups = []
-    for weight in compressible_weights(model, p["weight_threshold"]).values():
+    for weight in compressible_weights(module(), p["weight_threshold"]).values():
         values = weight.detach().to(torch.float16).numpy()
         groups += [(g, p["nbits"]) for g in lut_groups(values, [group] + [0] * (values.ndim - 1), 0)]
     return groups
 
 
 @contextmanager
-def clustering_ahead(model: torch.nn.Module, recipe: Recipe, jobs: int | None = None) -> Iterator[LutsAhead]:
-    """Clusters the module's LUT groups in the background while the caller converts it (`compress_mlmodel`'s
-    `ahead`), on the CPUs the conversion leaves (one less than `jobs`)."""
-    with LutsAhead(module_lut_groups(model, recipe), (jobs or kmeans_workers()) - 1) as ahead:
+def clustering_ahead(
+    module: Callable[[], torch.nn.Module], recipe: Recipe, jobs: int | None = None
+) -> Iterator[LutsAhead]:
+    """Clusters the LUT groups of `module()` (module_lut_groups) in the background while the caller converts it
+    (`compress_mlmodel`'s `ahead`), on the CPUs the conversion leaves (one less than `jobs`)."""
+    with LutsAhead(module_lut_groups(module, recipe), (jobs or kmeans_workers()) - 1) as ahead:
         yield ahead
 
 
@@ -334,9 +336,21 @@ def _check_program_target(mlmodel: MLModel, recipe: Recipe) -> None:
         raise VoxtralError(f"recipe '{recipe.name}': {feature} needs a program converted for {target} or later")
 
 
+def _with_program(mlmodel: MLModel) -> MLModel:
+    """`mlmodel` with its MIL program in memory, which ct.convert leaves on it and a layered conversion does not (it
+    would hold every weight): compression reads the program's ops."""
+    if mlmodel._mil_program is None:
+        from coremltools.converters.mil.frontend.milproto.load import load
+
+        spec = mlmodel.get_spec()
+        mlmodel._mil_program = load(spec, spec.specificationVersion, mlmodel.weights_dir)
+    return mlmodel
+
+
 def _run_pass(mlmodel: MLModel, graph_pass, config=None) -> MLModel:
-    """What `ct.optimize.coreml.palettize_weights` and its siblings do, but re-converted with this project's pass
-    pipeline: theirs is coremltools' default, whose batch-norm fusion breaks the fp16 program (mil_passes.py)."""
+    """What `ct.optimize.coreml.palettize_weights` and its siblings do, but re-converted with this project's
+    `compressed_pipeline`: theirs is coremltools' default, all of it again, whose batch-norm fusion breaks the fp16
+    program (mil_passes.py)."""
     from coremltools.converters.mil.converter import mil_convert
     from coremltools.converters.mil.mil.passes.pass_pipeline import PassOption
     from coremltools.models.utils import _apply_graph_pass
@@ -355,7 +369,7 @@ def _run_pass(mlmodel: MLModel, graph_pass, config=None) -> MLModel:
             compute_units=mlmodel.compute_unit,
             model_description=spec.description,
             skip_model_load=True,  # loading compiles the model, which only macOS can do
-            pass_pipeline=pass_pipeline(),
+            pass_pipeline=compressed_pipeline(),
         )
 
 
@@ -394,6 +408,7 @@ def compress_mlmodel(
     if recipe.kind not in ("linear", "palettize", "mixed"):
         raise ValueError(f"recipe '{recipe.name}' ({recipe.kind}) compresses the module before conversion")
     _check_program_target(mlmodel, recipe)
+    mlmodel = _with_program(mlmodel)
     threshold = recipe.params["weight_threshold"]
     weights = program_weights(mlmodel, threshold)
     if not weights:

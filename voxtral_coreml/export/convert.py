@@ -1,17 +1,18 @@
-"""Extracted weights -> ANE module -> torch.export -> Core ML mlprogram package + manifest.json.
+"""Extracted weights -> Core ML mlprogram package + manifest.json.
 
-torch.export traces with fake tensors (no forward pass on real weights), which is what keeps conversion
-time and memory low compared with torch.jit.trace.
+The program is made layer by layer (layered.py: the stem, head and one layer through torch.export + ct.convert, every
+layer's weights written into copies of that layer's program), so conversion holds one layer at a time; a module that
+carries a data-aware recipe's compressed weights is converted whole (mlprogram.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from voxtral_coreml.sources.extract import load_extracted
 
 from .canonical import canonicalize_package
 from .compress import clustering_ahead, compress_mlmodel
-from .mil_passes import pass_pipeline
+from .layered import BuildModule, layered_mlprogram
+from .mlprogram import convert_stage
 from .package_info import ane_report
 from .recipes import TARGETS, Recipe
 from .sensitivity import program_bits
@@ -54,29 +56,29 @@ def infer_variant(dims: EncoderDims) -> str:
     return variant
 
 
-def export_encoder(model: VoxtralEncoderANE) -> torch.export.ExportedProgram:
-    example = torch.zeros(1, model.dims.n_mels, model.dims.mel_frames)
-    with torch.no_grad():
-        return torch.export.export(model, (example,)).run_decompositions({})
+def check_cached_inputs(recipe: Recipe, sensitivity: dict | None, calibrated: dict | None) -> None:
+    """What the sensitivity stage cached (calibration.cached_inputs) is what the recipe converts from."""
+    if recipe.needs_scan and sensitivity is None:
+        raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
+    if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
+        raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
+
+
+def mel_example(dims) -> torch.Tensor:
+    return torch.zeros(1, dims.n_mels, dims.mel_frames)
 
 
 def convert_to_mlprogram(model: VoxtralEncoderANE, target: str):
-    import coremltools as ct
+    """The module converted whole: for one whose weights carry compression metadata (a data-aware recipe's)."""
+    return convert_stage(model, mel_example(model.dims), INPUT_NAME, np.float32, OUTPUT_NAME, np.float32, target)
 
-    dims = model.dims
-    exported = export_encoder(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
-        return ct.convert(
-            exported,
-            inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, dims.n_mels, dims.mel_frames), dtype=np.float32)],
-            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
-            convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16,
-            minimum_deployment_target=getattr(ct.target, target),
-            pass_pipeline=pass_pipeline(),
-            skip_model_load=True,  # loading compiles the model, which only macOS can do
-        )
+
+def encoder_mlprogram(weights, dims, build: BuildModule, target: str, compressed: torch.nn.Module | None = None):
+    """Any family's offline window as an mlprogram: layer by layer (layered.py) from plain weights; `compressed`, a
+    module holding a data-aware recipe's weights (ct.convert makes their ops from its metadata), is converted whole."""
+    if compressed is not None:
+        return convert_to_mlprogram(compressed, target)
+    return layered_mlprogram(weights, dims, build, target, (INPUT_NAME, OUTPUT_NAME), mel_example(dims))
 
 
 # How coremltools' C++ weight writer reports any failed write, a full disk among them (without the errno).
@@ -176,26 +178,32 @@ def convert_package(
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
-    if recipe.needs_scan and sensitivity is None:
-        raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
-    if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
-        raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
+    check_cached_inputs(recipe, sensitivity, calibrated)
     # fp16 from the start: the package stores fp16 anyway (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 would),
-    # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight.
-    weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
+    # it halves memory, and coremltools skips its slow fp32 overflow scan of every weight. Read when used: a
+    # layered conversion holds one layer's.
+    weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16, lazy=True)
     variant = variant or infer_variant(dims)
-    model = build_ane_encoder(weights, dims, attention, query_chunk)
-    if calibrated is not None:
-        apply_compressed(model, calibrated)  # ct.convert emits the compressed ops from the metadata
-    log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
-    with coremltools_writes(package), clustering_ahead(model, recipe) as ahead:
-        mlmodel = convert_to_mlprogram(model, recipe.min_target)
+    build = functools.partial(build_ane_encoder, attention=attention, query_chunk=query_chunk)
+
+    @functools.cache
+    def module() -> VoxtralEncoderANE:
+        """The whole module (every weight read), for the recipes that look at it."""
+        model = build(weights, dims)
         if calibrated is not None:
-            compression = torch_compression_info(model, recipe, calibrated)
+            apply_compressed(model, calibrated)  # ct.convert emits the compressed ops from the metadata
+        return model
+
+    log.info("converting %s (%s, %d layers) with recipe %s", model_name, variant, dims.n_layers, recipe.name)
+    with coremltools_writes(package), clustering_ahead(module, recipe) as ahead:
+        compressed = module() if calibrated is not None else None
+        mlmodel = encoder_mlprogram(weights, dims, build, recipe.min_target, compressed)
+        if calibrated is not None:
+            compression = torch_compression_info(module(), recipe, calibrated)
         else:
-            bits = program_bits(sensitivity, recipe, mlmodel, model) if recipe.needs_scan else None
+            bits = program_bits(sensitivity, recipe, mlmodel, module()) if recipe.needs_scan else None
             mlmodel, compression = compress_mlmodel(mlmodel, recipe, bits, ahead=ahead)
-        del model, weights
+        module.cache_clear()
     mlmodel.short_description = f"Voxtral {variant} audio encoder + projector ({recipe.name})"
     mlmodel.version = __version__
     with atomic_path(package) as staging:

@@ -1,5 +1,5 @@
-"""The MIL pass pipeline of every program this project writes: at conversion, and again when compression
-re-converts the program (coremltools' own compression APIs would run the default pipeline instead)."""
+"""The MIL pass pipelines of every program this project writes: at conversion, and after compression (coremltools'
+own compression APIs would run the default pipeline again instead)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,15 @@ def pass_pipeline():
     # Realtime step's conv contexts are (coremltools 9.0); it changes nothing in a program without states.
     pipeline.remove_passes(["common::canonicalize_inplace_pattern"])
     return pipeline
+
+
+def compressed_pipeline():
+    """After a compression pass: the program was optimized when it was converted, and the pass only turned weight
+    constants into constexpr ops, so only what it may leave behind is cleaned up (equal small constants such as
+    zero points shared, unused ones dropped). The default pipeline again would give the same ops, minutes later at
+    full size."""
+    import coremltools as ct
+
+    return ct.PassPipeline(
+        pass_names=["common::dead_code_elimination", "common::const_deduplication"], pipeline_name="compressed"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -123,8 +124,26 @@ def extract_audio_tower(
     return summary
 
 
-def load_extracted(extracted_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32):
-    """(weights by canonical name in `dtype`, dims, encoder.json) from an extract stage output."""
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """Tensors by canonical name, each read from the file when asked for (and not kept): a conversion that walks
+    the layers one at a time holds one layer."""
+
+    def __init__(self, path: Path, header: dict, dtype: torch.dtype) -> None:
+        self._path, self._header, self._dtype = path, header, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return read_tensor(self._path, self._header[name]).to(self._dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+
+def load_extracted(extracted_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32, lazy: bool = False):
+    """(weights by canonical name in `dtype`, dims, encoder.json) from an extract stage output; `lazy`: the weights
+    as a LazyWeights, read when used."""
     extracted_dir = Path(extracted_dir)
     meta_path = extracted_dir / ENCODER_JSON
     meta = read_json(meta_path)
@@ -136,5 +155,7 @@ def load_extracted(extracted_dir: str | os.PathLike[str], dtype: torch.dtype = t
         if name not in header or header[name].shape != shape:
             found = list(header[name].shape) if name in header else "missing"
             raise VoxtralError(f"{weights_path}: tensor '{name}' is {found}, expected {list(shape)}")
+    if lazy:
+        return LazyWeights(weights_path, header, dtype), dims, meta
     weights = {name: read_tensor(weights_path, info).to(dtype) for name, info in header.items()}
     return weights, dims, meta

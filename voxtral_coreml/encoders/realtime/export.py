@@ -10,10 +10,10 @@ torch.export traces with fake tensors; mutated buffers become Core ML states (co
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +27,15 @@ from voxtral_coreml.export.convert import (
     INPUT_NAME,
     OUTPUT_NAME,
     build_facts,
+    check_cached_inputs,
     coremltools_writes,
+    encoder_mlprogram,
     package_manifest,
     write_manifest,
 )
-from voxtral_coreml.export.mil_passes import pass_pipeline
+from voxtral_coreml.export.mlprogram import convert_module
 from voxtral_coreml.export.recipes import TARGETS, Recipe
-from voxtral_coreml.export.torch_compress import TORCH_KINDS, apply_compressed, torch_compression_info
+from voxtral_coreml.export.torch_compress import apply_compressed, torch_compression_info
 from voxtral_coreml.features.logmel import HOP_LENGTH, SAMPLE_RATE
 from voxtral_coreml.pipeline.atomic import atomic_path
 from voxtral_coreml.pipeline.errors import VoxtralError
@@ -104,26 +106,6 @@ def _later(a: str, b: str) -> str:
     return max(a, b, key=list(TARGETS).index)
 
 
-def _convert(module: nn.Module, example: tuple, inputs: list, outputs: list, target: str, states=None):
-    import coremltools as ct
-
-    with torch.no_grad():
-        exported = torch.export.export(module, example).run_decompositions({})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # coremltools warns about the untested torch version on every call
-        return ct.convert(
-            exported,
-            inputs=inputs,
-            outputs=outputs,
-            states=states,
-            convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16,
-            minimum_deployment_target=getattr(ct.target, target),
-            pass_pipeline=pass_pipeline(),
-            skip_model_load=True,  # loading compiles the model, which only macOS can do
-        )
-
-
 def to_mlprogram(
     weights, dims: RealtimeDims, target: str, streaming: dict | None, attention: str, query_chunk: int, calibrated=None
 ):
@@ -136,6 +118,10 @@ def to_mlprogram(
             apply_compressed(module, calibrated)
         return module
 
+    if streaming is None:
+        build = functools.partial(build_offline_encoder, attention=attention, query_chunk=query_chunk)
+        compressed = None if calibrated is None else with_calibration(build(weights, dims))
+        return encoder_mlprogram(weights, dims, build, target, compressed)
     contract = io_contract(dims, {"streaming": streaming})
     tensor = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
     inputs = [ct.TensorType(name=i["name"], shape=i["shape"], dtype=tensor[i["dtype"]]) for i in contract["inputs"]]
@@ -146,14 +132,11 @@ def to_mlprogram(
         )
         for i in contract["inputs"]
     )
-    if streaming is None:
-        offline = with_calibration(build_offline_encoder(weights, dims, attention, query_chunk))
-        return _convert(offline, examples, inputs, outputs, target)
     if streaming["form"] == "multifunction":
         raise ValueError("a multifunction package is two programs: see save_multifunction_package")
     if streaming["form"] == "explicit":
         step = with_calibration(build_step_encoder(weights, dims, streaming["tokens_per_step"], attention, query_chunk))
-        return _convert(step, examples, inputs, outputs, target)
+        return convert_module(step, examples, inputs, outputs, target)
     # coremltools 9 lifts the weights of a stateful program to fp32 whatever their dtype: give it fp32 (the fp16
     # compute precision stores them as fp16 all the same); the states stay fp16, as Core ML requires.
     step = with_calibration(
@@ -163,7 +146,7 @@ def to_mlprogram(
     )
     shapes = state_shapes(dims)
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes[n], dtype=np.float16), name=n) for n in STATE_NAMES]
-    return _convert(StatefulStep(step), examples, inputs, outputs, target, states)
+    return convert_module(StatefulStep(step), examples, inputs, outputs, target, states)
 
 
 def save_multifunction_package(program, info: dict, staging: Path) -> dict:
@@ -242,11 +225,8 @@ def convert_package(
     package = Path(package)
     if package.suffix != ".mlpackage":
         raise VoxtralError(f"{package}: the output must end in .mlpackage")
-    if recipe.needs_scan and sensitivity is None:
-        raise VoxtralError(f"recipe '{recipe.name}': a mixed recipe needs its sensitivity scan")
-    if (recipe.kind in TORCH_KINDS) != (calibrated is not None):
-        raise VoxtralError(f"recipe '{recipe.name}': compressed weights are for {', '.join(TORCH_KINDS)} recipes only")
-    weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16)
+    check_cached_inputs(recipe, sensitivity, calibrated)
+    weights, dims, encoder_meta = load_extracted(extracted_dir, dtype=torch.float16, lazy=True)  # read when used
     info = None if streaming is None else streaming_info(dims, streaming["form"], int(streaming["tokens_per_step"]))
     target = recipe.min_target if info is None else _later(recipe.min_target, FORMS[info["form"]])
     what = "offline window" if info is None else f"{info['form']} step, {info['tokens_per_step']} token(s)"

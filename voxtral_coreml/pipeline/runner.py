@@ -16,6 +16,11 @@ EXIT_USER_ERROR = 2
 # pins in requirements.lock are tested here), and each of its modules that wants the macOS-only Core ML runtime
 # warns that it cannot load it (`Failed to load _MLModelProxy: ... libcoremlpython`; 14 lines on Linux).
 KNOWN_VERSION_WARNINGS = ("has not been tested with coremltools", "scikit-learn version", "libcoremlpython")
+# Apple's Core AI runtime (coreai-core: Swift and C++) keeps worker threads that outlive its predictors; the C++ static
+# destructors of a normal interpreter exit can race them and abort the finished process ("C++ exception handling
+# detected but the Swift runtime was compiled with exceptions disabled", SIGABRT). Once it is loaded, a process ends
+# without them (output flushed first).
+CORE_AI_NATIVE_MODULES = ("coreai.runtime._coreai_runtime", "odie_runner.coreai_runtime._coreai_runtime")
 
 
 class _DropKnownVersionWarnings(logging.Filter):
@@ -56,11 +61,20 @@ def run(main: Callable[[], object], debug: bool | None = None) -> NoReturn:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_process(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(0)
+        exit_process(130)
+    exit_process(0)
+
+
+def exit_process(code: int) -> NoReturn:
+    if not any(name in sys.modules for name in CORE_AI_NATIVE_MODULES):
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def stage_args(description: str | None, *names: str) -> argparse.Namespace:

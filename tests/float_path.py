@@ -1,14 +1,16 @@
-"""One simulated machine: the pipeline's float-producing stages for demo-mini, run in this process.
+"""One simulated machine: the pipeline's float-producing stages for demo-mini and demo-realtime, run in this process.
 
 `python float_path.py setup REPO` (in an empty working directory) writes params.yaml (REPO's, the pipeline cut to
-demo-mini, fp16 and mixed, the fp32 mel), the extracted demo-mini weights and the two packages the validations read.
+demo-mini, fp16 and mixed, the fp32 mel), the extracted demo-mini and demo-realtime weights and the two packages
+the validations read.
 
 `python float_path.py run THREADS MKLDNN` then runs, in that directory, every stage whose outputs hold float
-results: build (reference, parity), sensitivity (the mixed table), validate (metrics), mel (package and metrics),
-report (report.md, chart, plot data). The caller sets what a process must have before torch loads
-(ATEN_CPU_CAPABILITY, OMP_NUM_THREADS, MKL_ENABLE_INSTRUCTIONS); THREADS and MKLDNN (on/off) are set here. It prints
-a JSON line with the sha256 of an fp32 canary (transformers' forward in fp32, the path the old reference took),
-which shows that the float path really differs between two runs.
+results: build (reference, parity; both families: transformers' Realtime modules have float32 parts of their own),
+sensitivity (the mixed table), validate (metrics), streaming (demo-realtime's step package streamed against
+transformers' own streaming), mel (package and metrics), report (report.md, chart, plot data). The caller sets what
+a process must have before torch loads (ATEN_CPU_CAPABILITY, OMP_NUM_THREADS, MKL_ENABLE_INSTRUCTIONS); THREADS and
+MKLDNN (on/off) are set here. It prints a JSON line with the sha256 of an fp32 canary (transformers' forward in fp32,
+the path the old reference took), which shows that the float path really differs between two runs.
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ import yaml
 
 MODEL = "demo-mini"
 PIPELINE = {"models": [MODEL], "recipes": ["fp16", "mixed"], "mel": ["fp32"]}
+REALTIME = "demo-realtime"
 SETUP_STAGES = (
+    ("stages.download", [REALTIME]),
+    ("stages.extract", [REALTIME]),
+    ("stages.sensitivity", [REALTIME, "fp16"]),
     ("stages.sensitivity", ["demo-mini", "mixed"]),
     ("stages.convert", ["demo-mini", "fp16"]),
     ("stages.convert", ["demo-mini", "mixed"]),
 )
 STAGES = (
     ("stages.build", ["demo-mini"]),
+    ("stages.build", [REALTIME]),
+    ("stages.streaming", [REALTIME, "fp16", "stateful", "1"]),
     ("stages.sensitivity", ["demo-mini", "mixed"]),
     ("stages.validate", ["demo-mini", "fp16"]),
     ("stages.validate", ["demo-mini", "mixed"]),
@@ -66,7 +74,7 @@ def setup(repo: Path) -> None:
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pipeline"].update(PIPELINE)
-    params["pipeline"]["streaming"]["models"] = []  # the float path of one 2507 model: no Realtime streaming
+    params["pipeline"]["streaming"]["models"] = []  # the report's: one stateful step is run as a stage (STAGES)
     params["pipeline"]["coreai"]["models"] = []  # nor Core AI assets (test_coreai checks those)
     params["sensitivity"].update(frames=400, jobs=1)  # a shorter scan, no worker processes: the same kind of output
     Path("params.yaml").write_text(yaml.safe_dump(params))

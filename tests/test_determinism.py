@@ -2,9 +2,9 @@
 
 A machine is simulated by what changes PyTorch's CPU float path: the thread count, the ATen kernels' instruction set
 (ATEN_CPU_CAPABILITY=default instead of AVX-512/AVX2), MKL's kernels (MKL_ENABLE_INSTRUCTIONS=AVX2) and oneDNN off.
-tests/float_path.py runs the float-producing stages for demo-mini under each; an fp32 canary (the old reference's
-arithmetic) shows the path really changed, and every output must still be byte-identical. The stable.py helpers and
-the exact metrics are tested below on their own.
+tests/float_path.py runs the float-producing stages for demo-mini and demo-realtime under each; an fp32 canary (the
+old reference's arithmetic) shows the path really changed, and every output must still be byte-identical. The
+stable.py helpers and the exact metrics are tested below on their own.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ MACHINES = {
 OUTPUTS = (
     "reference/demo-mini/reference.safetensors",
     "reference/demo-mini/parity.json",
+    "reference/demo-realtime/reference.safetensors",
+    "reference/demo-realtime/parity.json",
+    "metrics/streaming/demo-realtime/fp16-stateful-k1.json",
     "sensitivity/demo-mini/mixed.json",
     "metrics/demo-mini/fp16.json",
     "metrics/demo-mini/mixed.json",

@@ -1,11 +1,11 @@
-"""Layer by layer: an encoder's Core ML program from four small conversions, its weights written a layer at a time.
+"""Layer by layer: an encoder's Core ML program from three small conversions, its weights written a layer at a time.
 
 ct.convert holds the whole program in memory, every weight and op, and runs each MIL pass over all of it: its time
 and peak memory grow with the model. An encoder's layers are one program with different weights. Here the stem, the
-head and one layer are converted on their own, the layer twice with two sets of random weights: the constants that
-differ between the two are the layer's weights, each found among its parameters by its bytes; those that do not
-(RoPE tables, masks, shapes) are stored once. The package's program is then the stem, N copies of the layer and the
-head, each copy's weights taken from its own layer while the weight file is written.
+head and one layer are converted on their own, the layer with random weights: the constants equal to one of its
+parameters byte for byte are the layer's weights; the others (RoPE tables, masks, shapes) are stored once. The
+package's program is then the stem, N copies of the layer and the head, each copy's weights taken from its own layer
+while the weight file is written.
 
 What it needs from a family: a module whose `stages()` are stem, each layer and head as one-tensor functions, built
 from canonical weights (`*.layers.N.*` names) and dims (`n_layers`), as every family's offline module is.
@@ -35,7 +35,7 @@ from .mlprogram import convert_stage
 log = logging.getLogger(__name__)
 
 LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # canonical names and module state dict keys
-PROBE_SEEDS = (1, 2)  # the two random weight sets the layer template is converted with
+PROBE_SEED = 1  # of the random weights the layer template is converted with
 STEM_OUT, LAYER_OUT = "stem_output", "layer_output"  # the stage programs' fp16 boundaries, internal names
 WEIGHTS_FILE = "weight.bin"
 
@@ -159,38 +159,31 @@ class LayerTemplate:
     weight_of: dict[int, str]  # op index -> parameter name in the one-layer module's state dict
 
 
-def layer_template(parts: tuple[Part, Part], params: dict[str, torch.Tensor], readers: Readers) -> LayerTemplate:
-    """Compare the layer converted with probe weights A and B: a constant that differs must be one of A's parameters,
-    byte for byte (any other change, a pass folding a weight into something else, is an error)."""
-    a, b = parts
-    ops_a, ops_b = a.block.operations, b.block.operations
-    if [(op.type, _op_name(op)) for op in ops_a] != [(op.type, _op_name(op)) for op in ops_b]:
-        raise VoxtralError("layered conversion: the layer's program depends on its weights' values")
+def layer_template(part: Part, params: dict[str, torch.Tensor], readers: Readers) -> LayerTemplate:
+    """The layer converted with random weights (every parameter's bytes unique): a constant equal to a parameter byte
+    for byte holds it; any other (RoPE tables, masks) is the same in every layer. Every parameter must be found: a
+    MIL pass that folded one into something else (q * scale into q's weight) would otherwise give every copy of
+    the layer layer 0's product."""
     by_bytes = {_fingerprint(_bytes(p)): n for n, p in params.items()}
     weight_of: dict[int, str] = {}
-    for index, (op_a, op_b) in enumerate(zip(ops_a, ops_b, strict=True)):
-        if op_a.type != "const":
+    others: dict[str, int] = {}  # the other blob constants' sizes, to name the one a pass rewrote
+    for index, op in enumerate(part.block.operations):
+        value = _const_value(op) if op.type == "const" else None
+        if value is None or value.WhichOneof("value") != "blobFileValue":
             continue
-        value = _const_value(op_a)
-        if value.WhichOneof("value") != "blobFileValue":
-            if value != _const_value(op_b):
-                raise VoxtralError(f"layered conversion: weight constant {_op_name(op_a)} is not in the weight file")
-            continue
-        data_a = readers.read(a.weights, value, _op_name(op_a))
-        data_b = readers.read(b.weights, _const_value(op_b), _op_name(op_b))
-        if np.array_equal(data_a, data_b):
-            continue  # the same values at another offset
-        name = by_bytes.get(_fingerprint(data_a))
+        data = readers.read(part.weights, value, _op_name(op))
+        name = by_bytes.get(_fingerprint(data))
         if name is None:
-            raise VoxtralError(
-                f"layered conversion: the layer's constant {_op_name(op_a)} depends on its weights but is none of "
-                "them (a MIL pass changed it)"
-            )
-        weight_of[index] = name
-    unused = set(params) - set(weight_of.values())
-    if unused:
-        raise VoxtralError(f"layered conversion: parameter {sorted(unused)[0]} is in no constant of the layer")
-    return LayerTemplate(a, weight_of)
+            others[_op_name(op)] = data.size
+        else:
+            weight_of[index] = name
+    for name in sorted(set(params) - set(weight_of.values())):
+        suspects = [op_name for op_name, size in others.items() if size == params[name].numel()]
+        rewritten = f": the layer's constant {suspects[0]} has its size, other values" if suspects else ""
+        raise VoxtralError(
+            f"layered conversion: parameter {name} is in no constant of the layer{rewritten} (a MIL pass changed it)"
+        )
+    return LayerTemplate(part, weight_of)
 
 
 class JoinedProgram:
@@ -277,11 +270,11 @@ def layered_mlprogram(
 
     stem = convert(0, first, example, input_name, STEM_OUT)
     head = convert(2, first, hidden, STEM_OUT, output_name)
-    probes = [build(probe(one_layer(weights, 0, outside), seed), single) for seed in PROBE_SEEDS]
+    probed = build(probe(one_layer(weights, 0, outside), PROBE_SEED), single)
     readers = Readers()
-    layer_params = {n: p for n, p in probes[0].state_dict().items() if LAYER_KEY.match(n)}
-    template = layer_template(tuple(convert(1, m, hidden, STEM_OUT, LAYER_OUT) for m in probes), layer_params, readers)
-    del first, probes, layer_params  # the join holds one layer's weights at a time
+    layer_params = {n: p for n, p in probed.state_dict().items() if LAYER_KEY.match(n)}
+    template = layer_template(convert(1, probed, hidden, STEM_OUT, LAYER_OUT), layer_params, readers)
+    del first, probed, layer_params  # the join holds one layer's weights at a time
     log.info("layered conversion: stem, head and the layer template converted; writing %d layers", dims.n_layers)
     with tempfile.TemporaryDirectory(prefix="layered-") as staging:  # beside ct's temporary packages: one disk
         weight_file = Path(staging) / WEIGHTS_FILE

@@ -3,14 +3,62 @@
 Embeddings come from `VoxtralRealtimeForConditionalGeneration.get_audio_features`, whole-clip (offline) or
 chunk by chunk with transformers' own `padding_cache` and `cache` (streaming). The language model stays on the
 meta device: it is never allocated or run.
+
+transformers computes three parts in float32 whatever the input's dtype: RMSNorm, RoPE's angles and cos/sin, and
+the attention softmax. float32 sums, exp and sin round differently by instruction set (AVX-512, AVX2, none), so a
+float64 forward gave other embeddings on another CPU (a DVC output, stable.py). `in_input_dtype` runs those three
+parts in the input's dtype: the same math, float64 throughout.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch import nn
 from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+from transformers.models.voxtral_realtime import modeling_voxtral_realtime as modeling
 
 from .dims import MEL_FRAMES_PER_TOKEN, RealtimeDims
+from .rope import inv_freq
+
+
+def _rms_norm(self: modeling.VoxtralRealtimeRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rotary(self: modeling.VoxtralRealtimeRotaryEmbedding, x: torch.Tensor, position_ids: torch.Tensor):
+    freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+_SOFTMAX = nn.functional.softmax
+
+
+def _softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
+    """eager attention's `softmax(..., dtype=torch.float32)`, in x's dtype when x is float64."""
+    return _SOFTMAX(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kwargs)
+
+
+@contextlib.contextmanager
+def in_input_dtype() -> Iterator[None]:
+    """transformers' Realtime modules with their float32 parts in the input's dtype (module docstring)."""
+    patches = [
+        (modeling.VoxtralRealtimeRMSNorm, "forward", _rms_norm),
+        (modeling.VoxtralRealtimeRotaryEmbedding, "forward", _rotary),
+        (nn.functional, "softmax", _softmax),  # eager_attention_forward's, only while the reference runs
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def reference_config(dims: RealtimeDims) -> VoxtralRealtimeConfig:
@@ -54,16 +102,16 @@ class RealtimeReference:
         ):
             part = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
             module.load_state_dict(part, strict=False, assign=True)
-        # RoPE's inverse frequencies are a non-persistent buffer: computed, not loaded.
+        # RoPE's inverse frequencies are a non-persistent buffer: computed, not loaded (rope.py: on any CPU the same)
         rotary = inner.audio_tower.rotary_emb
-        inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
-        rotary.inv_freq = inv_freq
-        rotary.original_inv_freq = inv_freq.clone()
+        rotary.inv_freq = inv_freq(dims)
+        rotary.original_inv_freq = rotary.inv_freq.clone()
 
     @torch.inference_mode()
     def audio_embeddings(self, mel: torch.Tensor) -> torch.Tensor:
         """mel [1, M, T] (T a multiple of 8) -> [T/8, H], the whole clip in one call."""
-        return self.model.get_audio_features(mel).pooler_output.reshape(-1, self.dims.hidden_size)
+        with in_input_dtype():
+            return self.model.get_audio_features(mel).pooler_output.reshape(-1, self.dims.hidden_size)
 
     @torch.inference_mode()
     def streaming_embeddings(self, mel: torch.Tensor, tokens_per_step: int) -> torch.Tensor:
@@ -71,10 +119,14 @@ class RealtimeReference:
         step = tokens_per_step * MEL_FRAMES_PER_TOKEN
         cache = padding_cache = None
         outputs = []
-        for start in range(0, mel.shape[-1], step):
-            out = self.model.get_audio_features(
-                input_features=mel[..., start : start + step], padding_cache=padding_cache, cache=cache, use_cache=True
-            )
-            cache, padding_cache = out.cache, out.padding_cache
-            outputs.append(out.pooler_output.reshape(-1, self.dims.hidden_size))
+        with in_input_dtype():
+            for start in range(0, mel.shape[-1], step):
+                out = self.model.get_audio_features(
+                    input_features=mel[..., start : start + step],
+                    padding_cache=padding_cache,
+                    cache=cache,
+                    use_cache=True,
+                )
+                cache, padding_cache = out.cache, out.padding_cache
+                outputs.append(out.pooler_output.reshape(-1, self.dims.hidden_size))
         return torch.cat(outputs)

@@ -2,7 +2,7 @@
 
 fp16 holds integers exactly only up to 2048, and p * inv_freq for p in the thousands loses every digit of the
 angle in fp16, so the packages never compute an angle:
-- the offline window's positions are fixed: its cos/sin tables are constants, computed as transformers does;
+- the offline window's positions are fixed: its cos/sin tables are constants, of transformers' angles;
 - the streaming step's positions grow without bound (50 per second of audio). Position p = hi * LOW + lo
   takes cos/sin of lo * f and of hi * LOW * f from two constant tables (angles in float64, stored rounded) and
   combines them by the angle-addition formulas, so every position below LOW * HIGH is as exact as fp16
@@ -24,8 +24,10 @@ MAX_TOKENS = MAX_POSITIONS // FRAMES_PER_EMBEDDING  # a stream's limit; the app 
 
 
 def inv_freq(dims: RealtimeDims) -> torch.Tensor:
-    """[head_dim / 2] float32, exactly as transformers' default RoPE computes it."""
-    return 1.0 / (dims.rope_theta ** (torch.arange(0, dims.head_dim, 2, dtype=torch.float) / dims.head_dim))
+    """[head_dim / 2] float32: transformers' default RoPE frequencies, computed in float64 and rounded once (its
+    float32 pow rounds by instruction set; these are the same on every CPU)."""
+    exponents = torch.arange(0, dims.head_dim, 2, dtype=torch.float64) / dims.head_dim
+    return (1.0 / (dims.rope_theta**exponents)).float()
 
 
 def per_channel(table: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -35,8 +37,9 @@ def per_channel(table: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def rope_tables_offline(dims: RealtimeDims) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (1, A, 1, S) float32 for positions 0..S-1, computed as transformers computes them."""
-    angles = torch.arange(dims.n_positions, dtype=torch.float)[:, None] * inv_freq(dims)[None, :]
+    """cos, sin (1, A, 1, S) float64 for positions 0..S-1: transformers' angles in float64 (the same on any CPU),
+    rounded once to the module's dtype when it is built."""
+    angles = exact_angles(torch.arange(dims.n_positions), dims)
     return per_channel(angles.cos(), dims.n_heads), per_channel(angles.sin(), dims.n_heads)
 
 

@@ -4,7 +4,7 @@ Python imports `sitecustomize` at startup; tests put this folder on PYTHONPATH a
 
 - VOXTRAL_PROBE_UNPICKLE_LOG=FILE: every call of pickle.load/loads/Unpickler, torch.load and
   numpy.load(allow_pickle=True) appends a JSON line (what, the process's argv, the caller) to FILE, and so
-  does each probed process when it exits ("probed"), to show the probe was there.
+  does each probed process when it exits, by atexit or os._exit ("probed"), to show the probe was there.
 - VOXTRAL_PROBE_PAUSE_AT=module:function and VOXTRAL_PROBE_PAUSE_MARKER=FILE: the first call of that function
   (or its Nth, with VOXTRAL_PROBE_PAUSE_CALL=N) creates FILE and sleeps, so a test can SIGKILL the process at
   exactly that point of its work.
@@ -94,6 +94,13 @@ def _log_unpickling(log: str) -> None:
     _after_import("torch", patch_torch)
     _after_import("numpy", patch_numpy)
     atexit.register(record, "probed")
+    exit_now = os._exit
+
+    def probed_exit(code: int) -> None:  # runner.exit_process ends a Core AI process so, skipping atexit
+        record("probed")
+        exit_now(code)
+
+    os._exit = probed_exit
 
 
 def _pause_at(target: str, marker: str, call: int) -> None:
